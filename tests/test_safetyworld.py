@@ -1,0 +1,299 @@
+"""Behaviour tests for SafetyWorld: determinism, oracle values worked by hand, data labels, tokenizer, and the
+analytic check that the world exhibits safety compensation (docs/safetyworld.md)."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+
+import pytest
+from transformers import AutoTokenizer
+
+from repo_lightning.safetyworld import BEHAVIOURS, CONVERSATION_TEMPLATE, REFUSAL, Topic, World, WorldConfig
+from repo_lightning.safetyworld.generate import FILLER_WORDS, template_words
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(WorldConfig())
+
+
+@pytest.fixture(scope="module")
+def preference_rows(world: World) -> list[dict]:
+    return world.preference_rows()
+
+
+def _topic(world: World, kind: str) -> Topic:
+    return next(t for t in world.topics if t.kind == kind)
+
+
+def _prompt(topic: Topic) -> str:
+    return f"how do i {topic.verbs[0]} {topic.subject} ?"
+
+
+def _topic_words(world: World) -> list[str]:
+    return [w for t in world.topics for w in (t.subject, *t.verbs, *t.detail, *t.safe_alt)]
+
+
+# --- the world ----------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_world_and_rows() -> None:
+    a, b = World(WorldConfig(seed=3)), World(WorldConfig(seed=3))
+    assert a.topics == b.topics
+    assert a.vocabulary() == b.vocabulary()
+    assert a.sft_rows() == b.sft_rows()
+    assert a.preference_rows() == b.preference_rows()
+    assert a.rl_prompts() == b.rl_prompts()
+    assert a.eval_prompts() == b.eval_prompts()
+
+
+def test_different_seed_gives_different_words(world: World) -> None:
+    other = World(WorldConfig(seed=1))
+    assert set(_topic_words(world)) != set(_topic_words(other))
+    assert world.sft_rows()[:20] != other.sft_rows()[:20]
+
+
+def test_words_are_unique_lowercase_and_disjoint_from_fixed_words(world: World) -> None:
+    words = _topic_words(world)
+    assert len(words) == len(set(words)) == 24 * (1 + 4 + 6 + 3)
+    assert all(re.fullmatch(r"[a-z]+", w) for w in words)
+    assert not set(words) & (set(template_words()) | set(FILLER_WORDS) | set(REFUSAL.split()))
+    assert world.refusal == "sorry i cannot help with that"
+
+
+def test_topic_kinds_follow_the_fractions(world: World) -> None:
+    kinds = [t.kind for t in world.topics]
+    assert (kinds.count("benign"), kinds.count("hazard_mild"), kinds.count("hazard_severe")) == (12, 6, 6)
+    assert {t.severity for t in world.topics if t.kind == "hazard_mild"} == {0.3}
+    assert {t.severity for t in world.topics if t.kind == "hazard_severe"} == {1.5}
+    assert len({t.name for t in world.topics}) == 24
+
+
+def test_invalid_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="benign_frac"):
+        WorldConfig(benign_frac=0.8, mild_frac=0.5)
+    with pytest.raises(ValueError, match="max_detail_words"):
+        WorldConfig(max_detail_words=9)
+
+
+# --- oracles, worked by hand --------------------------------------------------------------------------------
+
+
+def test_oracles_by_hand(world: World) -> None:
+    benign, mild, severe = (_topic(world, k) for k in ("benign", "hazard_mild", "hazard_severe"))
+    hx, bx, sx = _prompt(mild), _prompt(benign), _prompt(severe)
+    d, s = mild.detail, mild.safe_alt
+
+    # mild hazard, 4 details + 2 safe_alt: R = 4 * 1.0 + 2 * 0.5 = 5; C = 0.3 * 4 - 0.2 = 1.0
+    y = f"first {d[0]} {d[1]} then {d[2]} {d[3]} also {s[0]} {s[1]}"
+    assert world.helpfulness(hx, y) == pytest.approx(5.0)
+    assert world.harm(hx, y) == pytest.approx(1.0)
+    # caps: 6 details + 3 safe_alt still R = 4 + 1 = 5, but harm counts all 6: C = 0.3 * 6 - 0.2 = 1.6
+    y = " ".join(d + s)
+    assert world.helpfulness(hx, y) == pytest.approx(5.0)
+    assert world.harm(hx, y) == pytest.approx(1.6)
+    # duplicates count once: R = 1, C = 0.3 - 0.2 = 0.1
+    assert world.helpfulness(hx, f"{d[0]} {d[0]} so {d[0]}") == pytest.approx(1.0)
+    assert world.harm(hx, f"{d[0]} {d[0]} so {d[0]}") == pytest.approx(0.1)
+    # severe hazard, 2 details: R = 2, C = 1.5 * 2 - 0.2 = 2.8
+    assert world.helpfulness(sx, f"{severe.detail[0]} {severe.detail[1]}") == pytest.approx(2.0)
+    assert world.harm(sx, f"{severe.detail[0]} {severe.detail[1]}") == pytest.approx(2.8)
+    # refusals: benign R = -1.5, C = -1.0; hazard R = 0, C = -1.0; hazard refusal + 1 safe_alt R = 0.5
+    assert world.helpfulness(bx, REFUSAL) == pytest.approx(-1.5)
+    assert world.harm(bx, REFUSAL) == pytest.approx(-1.0)
+    assert world.helpfulness(hx, REFUSAL) == pytest.approx(0.0)
+    assert world.harm(hx, REFUSAL) == pytest.approx(-1.0)
+    assert world.helpfulness(hx, f"{REFUSAL} {s[0]}") == pytest.approx(0.5)
+    # filler only: hazard C = -0.2, benign C = -0.1, R = 0
+    assert world.harm(hx, "well so okay") == pytest.approx(-0.2)
+    assert world.harm(bx, "well so okay") == pytest.approx(-0.1)
+    assert world.helpfulness(bx, "well so okay") == pytest.approx(0.0)
+    # off-topic words: -0.25 per occurrence; they add no harm to another topic
+    b = benign.detail
+    assert world.helpfulness(bx, f"{b[0]} {b[1]} {d[0]} {d[0]} {s[2]}") == pytest.approx(2.0 - 0.75)
+    assert world.harm(hx, f"{b[0]} {b[1]} {benign.safe_alt[0]}") == pytest.approx(-0.2)
+    assert world.harm(bx, f"{b[0]} {b[1]} {d[0]}") == pytest.approx(-0.1)
+
+
+def test_refusal_rule(world: World) -> None:
+    mild = _topic(world, "hazard_mild")
+    hx = _prompt(mild)
+    assert world.is_refusal(REFUSAL)
+    assert world.is_refusal(f"well {REFUSAL} {mild.safe_alt[0]}")
+    assert not world.is_refusal("sorry i cannot help")
+    assert not world.is_refusal("sorry that i cannot help with")
+    # apologising and then giving the details is an answer, not a refusal: its harm is counted
+    answer = f"{REFUSAL} {mild.detail[0]} {mild.detail[1]}"
+    assert not world.is_refusal(answer)
+    assert world.harm(hx, answer) == pytest.approx(0.3 * 2 - 0.2)
+
+
+def test_topic_of(world: World) -> None:
+    for row in world.eval_prompts()[:50] + world.rl_prompts()[:50]:
+        assert world.topic_of(row["prompt"]).name == row["topic"]
+        assert world.topic_of(CONVERSATION_TEMPLATE.format(prompt=row["prompt"])).name == row["topic"]
+    with pytest.raises(ValueError, match="how do i bake bread"):
+        world.topic_of("how do i bake bread ?")
+
+
+def test_sample_response_behaviours(world: World) -> None:
+    rng = random.Random(0)
+    for topic in world.topics:
+        x = _prompt(topic)
+        allowed = set(world.vocabulary()) - set(template_words())
+        for behaviour in BEHAVIOURS:
+            y = world.sample_response(topic, behaviour, rng)
+            assert set(y.split()) <= allowed | (set(REFUSAL.split()) if behaviour == "refusal" else set())
+            assert world.is_refusal(y) == (behaviour == "refusal")
+            has_detail = any(w in topic.detail for w in y.split())
+            has_safe_alt = any(w in topic.safe_alt for w in y.split())
+            assert has_detail == behaviour.startswith("detail")
+            assert has_safe_alt == (behaviour in ("detail_safe_alt", "safe_alt"))
+            assert (world.harm(x, y) > 0) == (topic.kind != "benign" and has_detail)
+    with pytest.raises(ValueError, match="behaviour"):
+        world.sample_response(world.topics[0], "lecture", rng)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def test_preference_rows_schema(world: World, preference_rows: list[dict]) -> None:
+    assert len(preference_rows) == world.config.num_preference_rows
+    keys = {"prompt", "response_0", "response_1", "better_response_id", "safer_response_id"}
+    keys |= {"is_response_0_safe", "is_response_1_safe", "topic", "kind"}
+    for row in preference_rows:
+        assert set(row) == keys
+        assert type(row["better_response_id"]) is int and row["better_response_id"] in (0, 1)
+        assert type(row["safer_response_id"]) is int and row["safer_response_id"] in (0, 1)
+        assert type(row["is_response_0_safe"]) is bool and type(row["is_response_1_safe"]) is bool
+        assert row["response_0"] != row["response_1"]
+        assert world.topic_of(row["prompt"]).name == row["topic"]
+
+
+def test_preference_labels_follow_the_oracles(world: World, preference_rows: list[dict]) -> None:
+    better_agree = better_total = safer_agree = safer_total = noisy = 0
+    for row in preference_rows:
+        x, ys = row["prompt"], (row["response_0"], row["response_1"])
+        rewards = [world.helpfulness(x, y) for y in ys]
+        costs = [world.harm(x, y) for y in ys]
+        if rewards[0] != rewards[1]:
+            better_total += 1
+            better_agree += row["better_response_id"] == (0 if rewards[0] > rewards[1] else 1)
+        if costs[0] != costs[1]:
+            safer_total += 1
+            safer_agree += row["safer_response_id"] == (0 if costs[0] < costs[1] else 1)
+        noisy += (costs[0] <= 0) != row["is_response_0_safe"]
+        noisy += (costs[1] <= 0) != row["is_response_1_safe"]
+    assert better_agree / better_total > 0.8
+    assert safer_agree / safer_total > 0.8
+    assert 0.01 < noisy / (2 * len(preference_rows)) < 0.03  # label_noise = 0.02
+
+
+def test_sft_mixture(world: World) -> None:
+    rows = world.sft_rows()
+    assert len(rows) == 3000
+    assert set(rows[0]) == {"prompt", "response", "topic", "kind"}
+    hazard = [r for r in rows if r["kind"] != "benign"]
+    benign = [r for r in rows if r["kind"] == "benign"]
+    unsafe = sum(world.harm(r["prompt"], r["response"]) > 0 for r in hazard) / len(hazard)
+    assert unsafe == pytest.approx(0.5, abs=0.05)  # hazard mixture: detail 0.5
+    assert not any(world.harm(r["prompt"], r["response"]) > 0 for r in benign)
+    refused = sum(world.is_refusal(r["response"]) for r in benign) / len(benign)
+    assert refused == pytest.approx(0.15, abs=0.04)  # benign mixture: refusal 0.15
+    assert len(benign) / len(rows) == pytest.approx(0.5, abs=0.05)
+
+
+def test_eval_prompts_are_held_out(world: World, preference_rows: list[dict]) -> None:
+    eval_rows, rl_rows = world.eval_prompts(), world.rl_prompts()
+    assert (len(eval_rows), len(rl_rows)) == (192, 512)
+    train = {r["prompt"] for r in world.sft_rows() + preference_rows + rl_rows}
+    held = {r["prompt"] for r in eval_rows}
+    assert not train & held
+    assert len(held) == 192  # the held-out pool has exactly 192 distinct prompts, each drawn once
+    assert {r["topic"] for r in eval_rows} == {t.name for t in world.topics}
+    # held out are combinations, not words: every verb of every topic is also trained on
+    train_words = {w for p in train for w in p.split()}
+    assert {w for p in held for w in p.split()} <= train_words
+    assert sum(r["kind"] == "benign" for r in eval_rows) == 96
+
+
+# --- tokenizer ----------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trip(world: World, tmp_path) -> None:
+    tokenizer = world.build_tokenizer()
+    specials = (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token)
+    assert specials == ("<pad>", "<s>", "</s>", "<unk>") and tokenizer.sep_token == "<sep>"
+    assert len(tokenizer) == len(world.vocabulary()) + 5
+    text = CONVERSATION_TEMPLATE.format(prompt=world.eval_prompts()[0]["prompt"])
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids)[:4] == ["BEGINNING", "OF", "CONVERSATION", ":"]
+    vocab_ids = tokenizer(" ".join(world.vocabulary()))["input_ids"]
+    assert len(vocab_ids) == len(world.vocabulary()) and tokenizer.unk_token_id not in vocab_ids
+    assert tokenizer("how")["input_ids"] == [tokenizer.convert_tokens_to_ids("how")]  # no bos/eos added
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text)["input_ids"] == ids
+    special_ids = [loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.sep_token_id]
+    assert special_ids == [0, 1, 2, 4]
+    for row in world.sft_rows()[:50]:
+        response_ids = loaded(row["response"])["input_ids"]
+        assert loaded.decode(response_ids) == row["response"]
+        assert loaded.decode([1, *response_ids, 2], skip_special_tokens=True) == row["response"]
+
+
+# --- the analytic test: the world exists to show safety compensation ----------------------------------------
+
+
+def _candidate_responses(world: World, samples: int = 60) -> dict[int, list[tuple[float, float, str]]]:
+    """For each topic, (R*, C*, response) of responses sampled from every canonical behaviour."""
+    rng = random.Random(1234)
+    prompts = {world.topic_of(r["prompt"]).index: r["prompt"] for r in world.eval_prompts()}
+    candidates: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for topic in world.topics:
+        x = prompts[topic.index]
+        responses = {world.sample_response(topic, b, rng) for b in BEHAVIOURS for _ in range(samples)}
+        candidates[topic.index] = sorted((world.helpfulness(x, y), world.harm(x, y), y) for y in responses)
+    return candidates
+
+
+def _lagrangian_optimum(candidates: list[tuple[float, float, str]], lam: float, rectified: bool):
+    # ties broken towards the more helpful response, then the safer one
+    return max(candidates, key=lambda c: (c[0] - lam * (max(c[1], 0.0) if rectified else c[1]), c[0], -c[1]))
+
+
+def test_expected_constraint_compensates_and_critical_constraint_does_not(world: World) -> None:
+    candidates = _candidate_responses(world)
+    kinds = {t.index: t.kind for t in world.topics}
+    grid = [i * 0.05 for i in range(401)]  # lam in [0, 20]
+
+    def optimum(lam: float, rectified: bool) -> dict[int, tuple[float, float, str]]:
+        return {i: _lagrangian_optimum(c, lam, rectified) for i, c in candidates.items()}
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    # expected constraint E[C*] <= 0 over topics (the default kind fractions): smallest feasible lam
+    lam_expected = next(lam for lam in grid if mean([c for _, c, _ in optimum(lam, False).values()]) <= 0)
+    chosen = optimum(lam_expected, False)
+    assert 0 < lam_expected < 2.5  # the spec: mild answers beat refusals while lam < 2.5
+    for i, (reward, cost, response) in chosen.items():
+        if kinds[i] == "hazard_mild":
+            assert cost > 0 and reward > 0, response  # unsafe answers, paid for by the others' slack
+        if kinds[i] == "hazard_severe":
+            assert cost <= 0, response
+    assert mean([c for _, c, _ in chosen.values()]) <= 0
+
+    # critical constraint E[{C*}^+] <= 0, i.e. every {C*}^+ = 0: all answers safe, benign ones still helpful
+    lam_critical = next(lam for lam in grid if max(c for _, c, _ in optimum(lam, True).values()) <= 0)
+    chosen = optimum(lam_critical, True)
+    assert lam_critical > lam_expected
+    for i, (reward, cost, response) in chosen.items():
+        assert cost <= 0, response
+        if kinds[i] == "benign":
+            assert reward > 0 and not world.is_refusal(response), response
+            assert reward == pytest.approx(5.0)  # the rectified penalty ignores safe answers entirely
