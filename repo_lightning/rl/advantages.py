@@ -1,0 +1,198 @@
+"""Reward shaping, GAE and the advantage mix of PPO, Safe RLHF and RePO (algorithm.md sections 5-6).
+
+Pure functions of tensors. Shapes: ``B`` responses in the rollout batch, ``T`` padded response length.
+Response masks are right-padded (``1 ... 1 0 ... 0``); positions where the mask is 0 carry no reward, value or
+advantage.
+
+References:
+    - GAE: Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+      ICLR 2016 (arXiv 1506.02438), Eq. 16.
+    - Safe RLHF: Dai et al., ICLR 2024 (arXiv 2310.12773), Eq. 11 (the ``(A_R - lam A_C) / (1 + lam)`` mix).
+    - RePO: Peng et al., NeurIPS 2025 (arXiv 2410.19933): the rectified penalty ``{C}^+`` whose gradient is
+      zero on safe samples, so safe samples keep the pure reward advantage.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from repo_lightning.rl.losses import masked_mean
+
+
+def shape_rewards(
+    scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, score_clip: float | None
+) -> Tensor:
+    """Per-token shaped reward: a KL penalty on every response token plus the score on the last one.
+
+    ``r_t = -kl_coef * kl_t + [t = T] * clip(score, -score_clip, score_clip)`` (algorithm.md section 5.2).
+    The cost stream uses the same function with ``kl_coef = -beta_c``, giving
+    ``c_t = beta_c * kl_t + [t = T] * cost``.
+
+    Args:
+        scores: ``[B]``, one score per response (reward, or the cost signal).
+        kl: ``[B, T]`` per-token ``logprobs - ref_logprobs``.
+        mask: ``[B, T]`` bool or 0/1, true on response tokens (right-padded, may end in zeros). The score goes
+            on the last true position of each row; a row with no true position is all zeros.
+        kl_coef: coefficient of the KL penalty.
+        score_clip: clip scores to ``[-score_clip, score_clip]``; ``None`` for no clipping.
+
+    Returns:
+        ``[B, T]`` shaped rewards, zero off the mask.
+    """
+    mask = mask.bool()
+    dtype = torch.promote_types(kl.dtype, scores.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    kl = kl.to(dtype)
+    scores = scores.to(dtype)
+    if score_clip is not None:
+        scores = scores.clamp(-score_clip, score_clip)
+
+    rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
+    is_last = (positions == last) & mask  # a row with no response token has last = -1: no position matches
+    return rewards + is_last.to(dtype) * scores.unsqueeze(1)
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the response tokens (GAE Eq. 16; algorithm.md section 5.3).
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``, ``Ret_t = A_t + V_t``,
+    with ``V`` and ``A`` taken as 0 wherever the mask is 0, so the value after the last response token is 0
+    (the episode ends there). No gradient flows: both outputs are targets.
+
+    Args:
+        rewards: ``[B, T]`` shaped per-token rewards (or costs).
+        values: ``[B, T]`` critic values at rollout time.
+        mask: ``[B, T]`` bool or 0/1, true on response tokens.
+        gamma: discount ``gamma``.
+        lam: GAE ``lambda``.
+
+    Returns:
+        ``(advantages, returns)``, each ``[B, T]``, zero off the mask.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards.detach(), torch.zeros_like(rewards))
+    values = torch.where(mask, values.detach().to(rewards.dtype), torch.zeros_like(rewards))
+    maskf = mask.to(rewards.dtype)
+
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * maskf[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    returns = (advantages + values) * maskf
+    return advantages, returns
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Masked whitening, for an optional advantage normalisation.
+
+    ``(x - mean) / sqrt(var + 1e-8)`` with the masked mean and the masked, Bessel-corrected variance; with
+    ``shift_mean=False`` the mean is added back (only the scale changes).
+
+    Args:
+        values: ``[B, T]``.
+        mask: ``[B, T]`` bool or 0/1.
+        shift_mean: subtract the mean (``True``) or only rescale (``False``).
+
+    Returns:
+        ``[B, T]`` whitened values, zero off the mask.
+    """
+    mask = mask.bool()
+    mean = masked_mean(values, mask)
+    centred = torch.where(mask, values - mean, torch.zeros_like(values))
+    count = mask.sum()
+    variance = centred.square().sum() / (count - 1).clamp(min=1)
+    whitened = centred * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def rectified_costs(
+    costs: Tensor, samples_per_prompt: int, rectify: Literal["sample", "prompt"] = "sample"
+) -> tuple[Tensor, Tensor]:
+    """RePO's rectified cost signal ``{C}^+`` and unsafe flags (algorithm.md section 6).
+
+    Args:
+        costs: ``[B * k]`` raw costs ``C(x, y)``, grouped by prompt: rows ``i*k .. i*k + k - 1`` are the ``k``
+            samples of prompt ``i``.
+        samples_per_prompt: ``k``.
+        rectify: ``"sample"``: ``cost_signal = {C}^+`` and ``unsafe = C > 0`` per response; ``"prompt"``: with
+            ``m = mean_k C`` per prompt, ``cost_signal = {m}^+`` and ``unsafe = m > 0``, broadcast to the
+            prompt's ``k`` samples.
+
+    Returns:
+        ``(cost_signal, unsafe)``: ``[B * k]`` float and ``[B * k]`` bool.
+
+    Raises:
+        ValueError: if ``samples_per_prompt`` is not positive or does not divide ``len(costs)``, or
+            ``rectify`` is unknown.
+    """
+    if samples_per_prompt < 1 or costs.numel() % samples_per_prompt:
+        raise ValueError(
+            f"samples_per_prompt={samples_per_prompt} must be >= 1 and divide the {costs.numel()} costs"
+        )
+    if rectify == "sample":
+        signal = costs
+    elif rectify == "prompt":
+        signal = costs.reshape(-1, samples_per_prompt).mean(dim=1).repeat_interleave(samples_per_prompt)
+    else:
+        raise ValueError(f"rectify must be 'sample' or 'prompt', got {rectify!r}")
+    return torch.relu(signal), signal > 0
+
+
+def combine_advantages(
+    reward_advantages: Tensor,
+    cost_advantages: Tensor | None,
+    lagrange_multiplier: Tensor | float,
+    unsafe: Tensor | None,
+    normalize: bool = True,
+) -> Tensor:
+    """One per-token advantage for ``ppo``, ``ppo_lag`` (Safe RLHF) or ``repo`` (algorithm.md section 6).
+
+    - ``cost_advantages is None`` (``ppo``): ``A_R``.
+    - ``unsafe is None`` (``ppo_lag``, Safe RLHF Eq. 11): every row gets ``(A_R - lam A_C) / (1 + lam)``.
+    - ``unsafe`` given (``repo``): rows with ``unsafe`` false keep exactly ``A_R`` (the rectified penalty has
+      no gradient there); unsafe rows get the mix.
+
+    With ``normalize=False`` the mix is ``A_R - lam A_C``.
+
+    Args:
+        reward_advantages: ``[B, T]`` ``A_R``.
+        cost_advantages: ``[B, T]`` ``A_C``, or ``None``.
+        lagrange_multiplier: ``lam``, a float or a tensor with one element (e.g. ``DualVariable.value`` with
+            one cost); treated as a constant (detached).
+        unsafe: ``[B]`` bool, or ``None``.
+        normalize: keep the ``1 / (1 + lam)`` factor.
+
+    Returns:
+        ``[B, T]`` combined advantages.
+
+    Raises:
+        ValueError: if ``lagrange_multiplier`` has more than one element.
+    """
+    if cost_advantages is None:
+        return reward_advantages
+    lam = torch.as_tensor(lagrange_multiplier, device=reward_advantages.device).detach()
+    if lam.numel() != 1:
+        raise ValueError(
+            f"lagrange_multiplier must hold one value per cost stream, got shape {tuple(lam.shape)}"
+        )
+    lam = lam.reshape(()).to(reward_advantages.dtype)
+    mixed = reward_advantages - lam * cost_advantages
+    if normalize:
+        mixed = mixed / (1.0 + lam)
+    if unsafe is None:
+        return mixed
+    return torch.where(unsafe.bool().unsqueeze(1), mixed, reward_advantages)
