@@ -1,0 +1,37 @@
+"""The command line: ``python -m repo_lightning {fit,validate,test} --config configs/....yaml``.
+
+One LightningCLI chooses the stage's LightningModule from the config's ``model.class_path`` (``SFTModule``,
+``RewardModule``, ``CostModule``, ``PolicyModule``) and always uses the one :class:`RLHFDataModule`. The tokenizer is
+set once, in ``data.tokenizer``, and linked into the module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from repo_lightning.data.datamodule import RLHFDataModule
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with the project's argument links."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Link the data's resolved tokenizer into the module (set once, never repeated in YAML)."""
+        parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer_path", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
+    """Run the CLI (``args=None`` reads ``sys.argv``); returns the CLI object for tests and scripts."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return RLHFCLI(
+        L.LightningModule,
+        RLHFDataModule,
+        subclass_mode_model=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,203 @@
+"""Loading the networks every stage is built from: a causal LM (actor, reference, SFT) and a score model.
+
+A score model is ``AutoModelForSequenceClassification`` with ``num_labels=1`` (reward model, cost model and the
+critics). Each comes from a Hugging Face hub name, a local folder, or, for CPU runs, a small config dict
+(``{"model_type": "llama", "hidden_size": 64, ...}``) whose vocabulary and special-token ids are filled in from the
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    """Map a config string to a ``torch.dtype``, naming the allowed values on a bad one."""
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad.
+
+    A tokenizer without a pad token (Llama's) gets its eos token as pad; score models then read the last token
+    through the attention mask, never through ``pad_token_id``.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"could not load a tokenizer from {name_or_path!r}: expected a Hugging Face hub name or a folder "
+            f"written by save_pretrained ({err})"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _config_from_dict(model_config: dict, tokenizer: PreTrainedTokenizerBase, num_labels: int | None):
+    settings = dict(model_config)
+    model_type = settings.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model_config needs a 'model_type' key (for example 'llama')")
+    settings.setdefault("vocab_size", len(tokenizer))
+    settings.setdefault("pad_token_id", tokenizer.pad_token_id)
+    settings.setdefault("bos_token_id", tokenizer.bos_token_id)
+    settings.setdefault("eos_token_id", tokenizer.eos_token_id)
+    if num_labels is not None:
+        settings["num_labels"] = num_labels
+    return AutoConfig.for_model(model_type, **settings)
+
+
+def _check_source(model_name_or_path: str | None, model_config: dict | None) -> None:
+    if (model_name_or_path is None) == (model_config is None):
+        raise ValueError(
+            "set exactly one of model_name_or_path (hub name or local folder) and model_config (a dict with "
+            f"'model_type' to build a fresh model); got model_name_or_path={model_name_or_path!r}, "
+            f"model_config={model_config!r}"
+        )
+
+
+def _from_pretrained(auto_cls, name_or_path: str, **kwargs) -> PreTrainedModel:
+    try:
+        return auto_cls.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        where = "local folder" if os.path.sep in name_or_path or name_or_path.startswith(".") else "hub name"
+        raise FileNotFoundError(
+            f"could not load a model from {name_or_path!r} ({where}): expected a folder written by "
+            f"save_pretrained or a reachable Hugging Face hub repository ({err})"
+        ) from err
+
+
+def load_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    model_name_or_path: str | None = None,
+    model_config: dict | None = None,
+    dtype: DType = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load or build a causal language model.
+
+    Args:
+        tokenizer: The tokenizer the model is used with (sizes a model built from ``model_config``).
+        model_name_or_path: Hugging Face hub name or local folder.
+        model_config: Config dict with ``model_type`` for a freshly initialised model.
+        dtype: Parameter dtype.
+        trust_remote_code: Allow model code from the hub (off unless configured).
+        attn_implementation: ``eager``, ``sdpa`` or ``flash_attention_2``; ``None`` keeps the library default.
+
+    Returns:
+        The model, in train mode.
+    """
+    _check_source(model_name_or_path, model_config)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if model_name_or_path is not None:
+        return _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs)
+    config = _config_from_dict(model_config, tokenizer, None)
+    return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def load_score_model(
+    tokenizer: PreTrainedTokenizerBase,
+    model_name_or_path: str | None = None,
+    model_config: dict | None = None,
+    dtype: DType = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load or build a scalar score model (``AutoModelForSequenceClassification`` with ``num_labels=1``).
+
+    Loading from a causal-LM folder (the SFT export) keeps the backbone and initialises a fresh score head.
+    Arguments as in :func:`load_causal_lm`.
+    """
+    _check_source(model_name_or_path, model_config)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if model_name_or_path is not None:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, model_name_or_path, num_labels=1, **kwargs
+        )
+    else:
+        config = _config_from_dict(model_config, tokenizer, 1)
+        model = AutoModelForSequenceClassification.from_config(config, **kwargs)
+    if model.config.pad_token_id is None:
+        # HF's own pooling finds the last token through pad_token_id; keep it equal to ours.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def score_head(model: PreTrainedModel) -> nn.Module:
+    """Return the linear head of a sequence-classification model (``score`` on decoder-only models)."""
+    head = getattr(model, "score", None)
+    if head is None:
+        raise TypeError(
+            f"{type(model).__name__} has no 'score' head; per-token values need a decoder-only "
+            "*ForSequenceClassification model (Llama, Qwen, Mistral, GPT-2, GPT-NeoX, ...)"
+        )
+    return head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` assigns them: ``[B, L]`` -> ``[B, L]``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Score head applied at every position: ``[B, L]`` ids -> ``[B, L]`` float32 scores (critic values)."""
+    backbone = model.base_model
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each row: ``[B, L]`` -> ``[B]`` (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def sequence_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Scalar score of each sequence, read at its last non-pad token: ``[B, L]`` -> ``[B]`` float32.
+
+    Equal to ``model(input_ids, attention_mask).logits[:, 0]`` for right-padded input, and also correct for
+    left-padded input (positions skip the padding).
+    """
+    scores = token_scores(model, input_ids, attention_mask)
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with every parameter frozen; returns it."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

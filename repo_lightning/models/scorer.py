@@ -1,0 +1,104 @@
+"""Frozen reward/cost models scoring policy samples, with or without the policy's tokenizer.
+
+When a score model shares the policy's tokenizer and prompt template, it reads the rollout's token ids directly.
+Otherwise (a Beaver cost model beside a Llama-3.2 policy, say) each response is decoded to text and re-tokenised
+with the score model's tokenizer and the prompt template it was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from repo_lightning.data.templates import encode_prompt, encode_response
+from repo_lightning.models.backbone import sequence_scores
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers map text to the same ids (same vocabulary and special tokens)."""
+    if a is b:
+        return True
+    specials = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return all(getattr(a, s) == getattr(b, s) for s in specials) and a.get_vocab() == b.get_vocab()
+
+
+@dataclass
+class Scorer:
+    """A frozen score model with the tokenizer and template its inputs must use.
+
+    Attributes:
+        model: ``AutoModelForSequenceClassification`` with one label.
+        tokenizer: Its tokenizer.
+        template: Its prompt template (used only when re-tokenising).
+        reuse_policy_ids: True when tokenizer and template equal the policy's, so rollout ids are scored as is.
+        max_length: Longest re-tokenised input.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    template: str
+    reuse_policy_ids: bool
+    max_length: int = 2048
+
+
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> list[str]:
+    """Response texts from ``[N, T]`` ids and their ``[N, T]`` mask (special tokens dropped)."""
+    return [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip()
+        for ids, mask in zip(response_ids, response_mask, strict=True)
+    ]
+
+
+def retokenize(scorer: Scorer, prompts: list[str], responses: list[str], device: torch.device) -> tuple:
+    """Right-padded ``[N, L]`` ids and mask of ``template(prompt) response eos`` in the scorer's tokenizer."""
+    tok = scorer.tokenizer
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        prompt_ids, _ = encode_prompt(tok, prompt, scorer.template, scorer.max_length // 2)
+        response_ids, _ = encode_response(tok, response, scorer.max_length - len(prompt_ids))
+        rows.append(prompt_ids + response_ids)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def score_samples(
+    scorer: Scorer,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompts: list[str],
+    responses: list[str] | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Score ``N`` prompt+response samples: ``[N]`` float32.
+
+    Args:
+        scorer: The frozen score model.
+        sequences: ``[N, L]`` policy token ids (left-padded prompt, response, right padding).
+        attention_mask: ``[N, L]``.
+        prompts: ``N`` raw prompts (needed only when re-tokenising).
+        responses: ``N`` decoded responses (needed only when re-tokenising).
+        batch_size: Score in chunks of this many rows (``None``: all at once).
+    """
+    chunk = batch_size or sequences.shape[0]
+    out = []
+    for start in range(0, sequences.shape[0], chunk):
+        stop = start + chunk
+        if scorer.reuse_policy_ids:
+            out.append(sequence_scores(scorer.model, sequences[start:stop], attention_mask[start:stop]))
+        else:
+            if responses is None:
+                raise ValueError("a scorer with its own tokenizer needs the decoded responses")
+            ids, mask = retokenize(scorer, prompts[start:stop], responses[start:stop], sequences.device)
+            logits = scorer.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            out.append(logits[:, 0].float())
+    return torch.cat(out)

@@ -1,0 +1,145 @@
+"""Stage 2: the cost (harm) model with a sign term, algorithm.md section 4."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from repo_lightning.data.records import PreferenceBatch
+from repo_lightning.models.backbone import DType, load_score_model, load_tokenizer
+from repo_lightning.models.export import export_from_trainer
+from repo_lightning.modules.optimization import optimizer_with_warmup
+from repo_lightning.modules.scoring import pair_scores, pick
+from repo_lightning.rl.losses import cost_model_loss
+
+_SPLITS = ("train_", "val_", "test_")
+
+
+class CostModule(L.LightningModule):
+    """Cost model ``C(x, y)`` (C > 0 unsafe) trained on ``safer_response_id`` and the absolute safety labels.
+
+    The sign term pins ``C <= 0`` to safe responses, which makes ``C(x, y) <= 0`` the per-response safety test
+    that RePO's rectified constraint relies on.
+
+    Args:
+        model_name_or_path: Start weights (normally the SFT export); the score head is new.
+        model_config: Or a config dict (with ``model_type``) for a fresh model.
+        tokenizer_path: Tokenizer folder or hub name (linked from ``data.tokenizer`` by the CLI).
+        dtype: Parameter dtype.
+        trust_remote_code: Allow hub model code.
+        attn_implementation: Attention kernel; ``None`` keeps the default.
+        gradient_checkpointing: Recompute activations in the backward pass.
+        regularization: Weight of the score-magnitude penalty.
+        oracle_margin: In ``test`` with ground truth, the oracle ranking accuracy counts pairs whose true costs
+            differ by at least this much.
+        optimizer: Optimizer factory.
+        warmup_steps: Linear warm-up steps.
+        export_dir: Where the model is written in Hugging Face layout at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict | None = None,
+        tokenizer_path: str | None = None,
+        dtype: DType = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        regularization: float = 0.0,
+        oracle_margin: float = 0.5,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 0,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer = optimizer
+        self.model = None
+        self.tokenizer = None
+        self.accuracy = nn.ModuleDict({s: BinaryAccuracy() for s in _SPLITS})
+        self.sign_accuracy = nn.ModuleDict({s: BinaryAccuracy() for s in _SPLITS})
+        self.cost_mean = nn.ModuleDict({s: MeanMetric() for s in _SPLITS})
+        self.unsafe_share = nn.ModuleDict({s: MeanMetric() for s in _SPLITS})
+        self.oracle_sign_accuracy = BinaryAccuracy()
+        self.oracle_accuracy = BinaryAccuracy()
+
+    def configure_model(self) -> None:
+        """Build the score model once, before sharding and optimizer creation."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if hp.tokenizer_path is None:
+            raise ValueError("model.tokenizer_path is not set (the CLI links it from data.tokenizer)")
+        self.tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
+        self.model = load_score_model(
+            self.tokenizer,
+            hp.model_name_or_path,
+            hp.model_config,
+            hp.dtype,
+            hp.trust_remote_code,
+            hp.attn_implementation,
+        )
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+    def forward(self, batch: PreferenceBatch) -> torch.Tensor:
+        """Costs of both responses of each pair, ``[B, 2]``."""
+        return pair_scores(self.model, batch)
+
+    def _step(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        costs = self(batch)
+        safer, unsafer = pick(costs, batch.safer_response_id)
+        safer_is_safe, unsafer_is_safe = pick(batch.is_safe.long(), batch.safer_response_id)
+        loss, _ = cost_model_loss(
+            safer, unsafer, safer_is_safe.bool(), unsafer_is_safe.bool(), self.hparams.regularization
+        )
+        key = f"{split}_"
+        self.accuracy[key]((unsafer > safer).long(), torch.ones_like(safer, dtype=torch.long))
+        self.sign_accuracy[key]((costs > 0).long().flatten(), (~batch.is_safe).long().flatten())
+        self.cost_mean[key](costs.flatten())
+        self.unsafe_share[key]((costs > 0).float().flatten())
+        size, sync = batch.num_pairs, split != "train"
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=size)
+        self.log(f"{split}/accuracy", self.accuracy[key], prog_bar=True, batch_size=size)
+        self.log(f"{split}/sign_accuracy", self.sign_accuracy[key], prog_bar=True, batch_size=size)
+        self.log(f"{split}/cost_mean", self.cost_mean[key], batch_size=size)
+        self.log(f"{split}/unsafe_share", self.unsafe_share[key], batch_size=size)
+        return loss, costs
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        """One cost-model step."""
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        """Held-out ranking and sign accuracy."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        """Test metrics; with ground truth also the sign agreement with ``C*`` and the oracle ranking."""
+        _, costs = self._step(batch, "test")
+        if batch.true_costs is None:
+            return
+        self.oracle_sign_accuracy((costs > 0).long().flatten(), (batch.true_costs > 0).long().flatten())
+        self.log("test/oracle_sign_accuracy", self.oracle_sign_accuracy, batch_size=costs.numel())
+        gap = batch.true_costs[:, 0] - batch.true_costs[:, 1]
+        clear = gap.abs() >= self.hparams.oracle_margin
+        if clear.any():
+            agree = ((costs[:, 0] - costs[:, 1]) * gap)[clear] > 0
+            self.oracle_accuracy(agree.long(), torch.ones_like(agree, dtype=torch.long))
+            self.log("test/oracle_accuracy", self.oracle_accuracy, batch_size=int(clear.sum()))
+
+    def configure_optimizers(self):
+        """Optimizer (and warm-up) from the injected factory."""
+        return optimizer_with_warmup(self.optimizer, self.model.parameters(), self.hparams.warmup_steps)
+
+    def on_fit_end(self) -> None:
+        """Write the cost model and tokenizer in Hugging Face layout."""
+        if self.hparams.export_dir:
+            export_from_trainer(
+                self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "cost"}
+            )

@@ -1,0 +1,440 @@
+"""Stage 3: policy optimisation with ``ppo``, ``ppo_lag`` (Safe RLHF) or ``repo`` (RePO), algorithm.md 5-8.
+
+Each ``training_step`` is one iteration: rollout with the KV cache, scoring by the frozen reward and cost models,
+KL shaping, GAE on the reward and cost streams, the advantage mix of the chosen algorithm, ``ppo_epochs`` passes of
+minibatch PPO updates of the actor and both critics (manual optimization, one optimizer with an actor and a critic
+parameter group), then the dual update, whose statistic is averaged across ranks so every rank holds the same
+multiplier.
+
+Departures from the papers, all configurable: log-probabilities are those of the untempered policy (sample with
+``temperature: 1.0`` to stay on-policy); the multiplier used for an iteration's advantages is the one before that
+iteration's dual update (algorithm.md section 5 order).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from repo_lightning.data.records import PromptBatch
+from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
+from repo_lightning.evaluation import PromptResult, summarize, write_report
+from repo_lightning.models.backbone import DType, freeze, load_causal_lm, load_score_model, load_tokenizer
+from repo_lightning.models.export import export_from_trainer
+from repo_lightning.models.scorer import Scorer, decode_responses, same_tokenizer, score_samples
+from repo_lightning.modules.policy_steps import (
+    Advantages,
+    compute_advantages,
+    dual_statistic,
+    iteration_metrics,
+    ppo_update,
+    prompt_results,
+)
+from repo_lightning.modules.rollout import Rollout, response_logprobs, response_values, sample_responses
+from repo_lightning.rl.dual import DualVariable
+
+Algorithm = Literal["ppo", "ppo_lag", "repo"]
+FROZEN = ("ref_model", "reward_model", "cost_model")
+
+
+class PolicyModule(L.LightningModule):
+    """Actor, frozen reference / reward / cost models, reward and cost critics, and the dual variable.
+
+    Args:
+        actor_path: Start policy (the SFT export): hub name or folder. The reference model is a frozen copy.
+        reward_model_path: Reward model export (``AutoModelForSequenceClassification``, one label).
+        cost_model_path: Cost model export; required for ``ppo_lag`` and ``repo``, optional for ``ppo``.
+        tokenizer_path: The policy's tokenizer (linked from ``data.tokenizer`` by the CLI).
+        reward_template: Prompt template the reward model expects; used only when its tokenizer or template
+            differs from the policy's (then responses are decoded and re-tokenised).
+        cost_template: The same for the cost model.
+        critic_init: ``score_model`` starts each critic from the reward / cost model (needs the policy's
+            tokenizer); ``actor`` starts both from the actor's backbone with a fresh head.
+        algorithm: ``ppo`` (no constraint), ``ppo_lag`` (expected cost <= threshold) or ``repo``
+            (every response safe, rectified penalty).
+        rectify: RePO's unsafe test per ``sample`` (C > 0) or per ``prompt`` (mean of its k samples > 0).
+        normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor of the mixed advantage.
+        kl_coef: ``beta``, KL penalty on the reward stream.
+        cost_kl_coef: ``beta_c`` on the cost stream; ``None`` means 0 for ``repo`` and ``beta`` otherwise.
+        score_clip: Clip reward and cost scores to ``+-score_clip`` before shaping; ``None`` disables.
+        clip_ratio: PPO ratio clip ``eps``.
+        value_clip: Critic value clip ``eps_v``; ``None`` disables.
+        value_loss_coef: Weight of the critics' value losses in the joint loss.
+        gamma: GAE discount.
+        gae_lambda: GAE lambda.
+        whiten_advantages: Whiten the combined advantages over the batch.
+        samples_per_prompt: ``k`` responses sampled per prompt.
+        max_new_tokens: Response length cap.
+        temperature: Sampling temperature of rollouts.
+        top_p: Nucleus sampling mass.
+        top_k: Top-k cutoff (0 disables).
+        ppo_epochs: Passes over each rollout batch.
+        minibatch_size: Samples per PPO minibatch.
+        actor_lr: Learning rate of the actor parameter group.
+        critic_lr: Learning rate of the critic parameter group.
+        optimizer: Optimizer factory; called with the two parameter groups.
+        max_grad_norm: Gradient-norm clip over all trained parameters; ``None`` disables.
+        dual_rule: ``log`` (Safe RLHF), ``additive`` (projected ascent) or ``pid`` (Stooke et al. 2020).
+        lagrange_init: Initial multiplier.
+        lagrange_lr: Multiplier step size (log and additive rules).
+        lagrange_max: Upper bound of the multiplier.
+        threshold: Safe RLHF's cost threshold ``d``.
+        tolerance: RePO's tolerance on ``E[{C}^+]``.
+        dual_update_delay: Iterations that hold the multiplier at its initial value.
+        dual_window: The rule sees the mean statistic of this many recent iterations.
+        pid_kp: PID proportional gain.
+        pid_ki: PID integral gain.
+        pid_kd: PID derivative gain.
+        eval_samples_per_prompt: ``k`` of the ``test`` evaluation.
+        eval_temperature: Sampling temperature of validation and evaluation.
+        scoring_batch_size: Rows per forward pass of the frozen models (``None``: whole batch).
+        report_dir: Where ``test`` writes its report; ``None`` uses ``<log_dir>/evaluation``.
+        export_dir: Where the trained actor is written in Hugging Face layout at the end of ``fit``.
+        dtype: Parameter dtype of all models.
+        trust_remote_code: Allow hub model code.
+        attn_implementation: Attention kernel; ``None`` keeps the default.
+        gradient_checkpointing: Recompute activations of the actor and critics in the backward pass.
+        seed: Base seed of the per-iteration sampling seed (so resumed runs draw the same samples).
+    """
+
+    def __init__(
+        self,
+        actor_path: str | None = None,
+        reward_model_path: str | None = None,
+        cost_model_path: str | None = None,
+        tokenizer_path: str | None = None,
+        reward_template: str = SAFE_RLHF_TEMPLATE,
+        cost_template: str = SAFE_RLHF_TEMPLATE,
+        critic_init: Literal["score_model", "actor"] = "score_model",
+        algorithm: Algorithm = "repo",
+        rectify: Literal["sample", "prompt"] = "sample",
+        normalize_advantage_mix: bool = True,
+        kl_coef: float = 0.02,
+        cost_kl_coef: float | None = None,
+        score_clip: float | None = 50.0,
+        clip_ratio: float = 0.2,
+        value_clip: float | None = 5.0,
+        value_loss_coef: float = 1.0,
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        whiten_advantages: bool = False,
+        samples_per_prompt: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        ppo_epochs: int = 1,
+        minibatch_size: int = 64,
+        actor_lr: float = 1e-5,
+        critic_lr: float = 5e-6,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        max_grad_norm: float | None = 1.0,
+        dual_rule: Literal["log", "additive", "pid"] = "log",
+        lagrange_init: float = 1.0,
+        lagrange_lr: float = 0.1,
+        lagrange_max: float = 100.0,
+        threshold: float = 0.0,
+        tolerance: float = 0.0,
+        dual_update_delay: int = 0,
+        dual_window: int = 1,
+        pid_kp: float = 0.0,
+        pid_ki: float = 1.0,
+        pid_kd: float = 0.0,
+        eval_samples_per_prompt: int = 4,
+        eval_temperature: float = 1.0,
+        scoring_batch_size: int | None = None,
+        report_dir: str | None = None,
+        export_dir: str | None = None,
+        dtype: DType = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if algorithm in ("ppo_lag", "repo") and cost_model_path is None:
+            raise ValueError(f"model.cost_model_path is required for algorithm {algorithm!r}")
+        for name, value in (
+            ("samples_per_prompt", samples_per_prompt),
+            ("ppo_epochs", ppo_epochs),
+            ("minibatch_size", minibatch_size),
+            ("max_new_tokens", max_new_tokens),
+        ):
+            if value < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}")
+        if rectify == "prompt" and samples_per_prompt < 2:
+            raise ValueError(
+                "model.rectify: prompt averages the k samples of a prompt; set samples_per_prompt >= 2"
+            )
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # frozen models are reloaded from their paths, not stored in checkpoints
+        self.optimizer = optimizer
+        self.dual = DualVariable(
+            1,
+            dual_rule,
+            lagrange_init,
+            lagrange_lr,
+            lagrange_max,
+            dual_update_delay,
+            dual_window,
+            pid_kp,
+            pid_ki,
+            pid_kd,
+        )
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.lambda_history: list[tuple[int, float]] = []
+        self.actor = None
+        self._eval_results: list[PromptResult] = []
+
+    # ----------------------------------------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        """Load the six models (once); the frozen ones are put in eval mode without gradients."""
+        if self.actor is not None:
+            return
+        hp = self.hparams
+        for name in ("actor_path", "reward_model_path", "tokenizer_path"):
+            if hp[name] is None:
+                raise ValueError(f"model.{name} is not set")
+        common = {
+            "dtype": hp.dtype,
+            "trust_remote_code": hp.trust_remote_code,
+            "attn_implementation": hp.attn_implementation,
+        }
+        self.tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
+        self.actor = load_causal_lm(self.tokenizer, hp.actor_path, **common)
+        self.ref_model = freeze(load_causal_lm(self.tokenizer, hp.actor_path, **common))
+        self.reward_scorer = self._scorer(hp.reward_model_path, hp.reward_template, common)
+        self.reward_model = self.reward_scorer.model
+        self.cost_scorer = None
+        if hp.cost_model_path is not None:
+            self.cost_scorer = self._scorer(hp.cost_model_path, hp.cost_template, common)
+            self.cost_model = self.cost_scorer.model
+        self.reward_critic = self._critic(hp.reward_model_path, self.reward_scorer, common)
+        self.cost_critic = None
+        if hp.algorithm != "ppo":
+            self.cost_critic = self._critic(hp.cost_model_path, self.cost_scorer, common)
+        if hp.gradient_checkpointing:
+            for model in self.trained_models():
+                model.gradient_checkpointing_enable()
+
+    def _scorer(self, path: str, template: str, common: dict) -> Scorer:
+        tokenizer = load_tokenizer(path, self.hparams.trust_remote_code)
+        model = freeze(load_score_model(tokenizer, path, **common))
+        reuse = same_tokenizer(tokenizer, self.tokenizer) and template == self._policy_template()
+        return Scorer(model, tokenizer, template, reuse)
+
+    def _critic(self, path: str, scorer: Scorer, common: dict):
+        if self.hparams.critic_init == "actor":
+            return load_score_model(self.tokenizer, self.hparams.actor_path, **common)
+        if not same_tokenizer(scorer.tokenizer, self.tokenizer):
+            raise ValueError(
+                f"critic_init: score_model needs {path!r} to share the policy's tokenizer; it does not. "
+                "Set model.critic_init: actor"
+            )
+        return load_score_model(self.tokenizer, path, **common)
+
+    def _policy_template(self) -> str:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "template", SAFE_RLHF_TEMPLATE)
+
+    def _oracle(self):
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "oracle", None)
+
+    def trained_models(self) -> list[torch.nn.Module]:
+        """Actor and critics (the models with gradients)."""
+        return [m for m in (self.actor, self.reward_critic, self.cost_critic) if m is not None]
+
+    def train(self, mode: bool = True) -> PolicyModule:
+        """Switch train/eval mode, keeping the frozen models in eval mode always."""
+        super().train(mode)
+        for name in FROZEN:
+            model = getattr(self, name, None)
+            if model is not None:
+                model.eval()
+        return self
+
+    # --------------------------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(
+        self, batch: PromptBatch, samples_per_prompt: int, temperature: float, with_values: bool = True
+    ) -> Rollout:
+        """Sample ``k`` responses per prompt and record log-probs, values and scores (algorithm.md 5.1)."""
+        hp, tok = self.hparams, self.tokenizer
+        input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
+        attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
+        sequences, full_mask, response_mask = sample_responses(
+            self.actor,
+            input_ids,
+            attention_mask,
+            hp.max_new_tokens,
+            temperature,
+            hp.top_p,
+            hp.top_k,
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
+        prompt_length = input_ids.shape[1]
+        prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
+        meta = [m for m in (batch.meta or [{}] * len(batch.prompts)) for _ in range(samples_per_prompt)]
+        responses = decode_responses(tok, sequences[:, prompt_length:], response_mask)
+        logprobs = response_logprobs(self.actor, sequences, full_mask, prompt_length)
+        ref_logprobs = response_logprobs(self.ref_model, sequences, full_mask, prompt_length)
+        chunk = hp.scoring_batch_size
+        rewards = score_samples(self.reward_scorer, sequences, full_mask, prompts, responses, chunk)
+        costs = None
+        if self.cost_scorer is not None:
+            costs = score_samples(self.cost_scorer, sequences, full_mask, prompts, responses, chunk)
+        reward_values = cost_values = None
+        if with_values:
+            reward_values = response_values(self.reward_critic, sequences, full_mask, prompt_length)
+            if self.cost_critic is not None:
+                cost_values = response_values(self.cost_critic, sequences, full_mask, prompt_length)
+        return Rollout(
+            sequences,
+            full_mask,
+            response_mask.float(),
+            prompt_length,
+            logprobs,
+            ref_logprobs,
+            reward_values,
+            cost_values,
+            rewards,
+            costs,
+            prompts,
+            responses,
+            meta,
+        )
+
+    def _seed_iteration(self, salt: int = 0) -> None:
+        # A seed that depends only on (seed, iteration, rank) makes a resumed run draw the samples an
+        # uninterrupted one would.
+        torch.manual_seed(
+            self.hparams.seed * 1_000_003 + int(self.iteration) * 7919 + self.global_rank * 104_729 + salt
+        )
+
+    # ----------------------------------------------------------------------------------------------- train
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """One RLHF iteration: rollout, advantages, PPO epochs, dual update, logging."""
+        hp = self.hparams
+        self._seed_iteration()
+        rollout = self.rollout(batch, hp.samples_per_prompt, hp.temperature)
+        lam = self.dual.value.to(self.device)
+        advantages: Advantages = compute_advantages(rollout, hp, lam)
+        update_stats = ppo_update(self, rollout, advantages)
+        statistic = None
+        if hp.algorithm != "ppo":
+            local = dual_statistic(rollout.costs, hp)
+            statistic = self.trainer.strategy.reduce(local, reduce_op="mean")
+            self.dual.update(statistic.detach().float().cpu().reshape(1))
+        self.iteration += 1
+        lam_now = float(self.dual.value[0])
+        self.lambda_history.append((int(self.iteration), lam_now))
+        metrics = iteration_metrics(rollout, advantages, hp, self._oracle())
+        metrics.update(update_stats)
+        metrics["lambda"] = torch.tensor(lam_now)
+        if statistic is not None:
+            metrics["dual_statistic"] = statistic.detach().float()
+        for key, value in metrics.items():
+            self.log(
+                f"train/{key}",
+                value.to(self.device),
+                sync_dist=key not in ("lambda", "dual_statistic"),
+                prog_bar=key in ("lambda", "reward_mean", "unsafe_frac"),
+                batch_size=rollout.num_samples,
+            )
+        self._log_histograms(rollout)
+
+    def _log_histograms(self, rollout: Rollout) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_histogram") or not self.trainer.is_global_zero:
+            return
+        step = int(self.iteration)
+        experiment.add_histogram("train/reward_hist", rollout.rewards.float().cpu(), step)
+        if rollout.costs is not None:
+            per_prompt = rollout.costs.view(-1, self.hparams.samples_per_prompt).mean(1)
+            experiment.add_histogram("train/prompt_cost_hist", per_prompt.float().cpu(), step)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One optimizer, an actor group and a critic group with their own learning rates."""
+        critics = [p for m in (self.reward_critic, self.cost_critic) if m is not None for p in m.parameters()]
+        return self.optimizer(
+            [
+                {"params": list(self.actor.parameters()), "lr": self.hparams.actor_lr},
+                {"params": critics, "lr": self.hparams.critic_lr},
+            ]
+        )
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """One sample per held-out prompt: mean reward, cost and unsafe share (learned and, if known, true)."""
+        self._seed_iteration(salt=1 + batch_idx)
+        rollout = self.rollout(batch, 1, self.hparams.eval_temperature, with_values=False)
+        metrics = iteration_metrics(rollout, None, self.hparams, self._oracle(), samples_per_prompt=1)
+        for key, value in metrics.items():
+            self.log(f"val/{key}", value.to(self.device), sync_dist=True, batch_size=rollout.num_samples)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def on_test_epoch_start(self) -> None:
+        """Start collecting per-prompt results."""
+        self._eval_results = []
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Sample ``eval_samples_per_prompt`` responses per held-out prompt and score them (algorithm.md 9)."""
+        self._seed_iteration(salt=100_000 + batch_idx)
+        k = self.hparams.eval_samples_per_prompt
+        rollout = self.rollout(batch, k, self.hparams.eval_temperature, with_values=False)
+        self._eval_results.extend(prompt_results(rollout, batch, k, self._oracle()))
+
+    def on_test_epoch_end(self) -> None:
+        """Gather results from all ranks, write the report on rank 0 and log ``test/...`` scalars."""
+        results = self._eval_results
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, results)
+            results = sorted((r for part in gathered for r in part), key=lambda r: r.index)
+        summary = summarize(results)
+        for key, value in summary.items():
+            self.log(f"test/{key}", float(value), rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            out_dir = self.hparams.report_dir or f"{self.trainer.log_dir or '.'}/evaluation"
+            history = self.lambda_history if self.hparams.algorithm != "ppo" else None
+            extra = {
+                "policy": str(self.hparams.actor_path),
+                "algorithm": self.hparams.algorithm,
+                "iterations trained": str(int(self.iteration)),
+            }
+            write_report(results, out_dir, f"Evaluation: {self.hparams.algorithm}", history, extra)
+            print(f"evaluation report written to {out_dir}/report.md")
+        self.evaluation_summary = summary
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep frozen models out of checkpoints (they reload from their paths); save the multiplier history."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
+            del state[key]
+        checkpoint["lambda_history"] = [list(item) for item in self.lambda_history]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the multiplier history."""
+        self.lambda_history = [(int(s), float(v)) for s, v in checkpoint.get("lambda_history", [])]
+
+    def on_fit_end(self) -> None:
+        """Write the trained actor and tokenizer in Hugging Face layout."""
+        if self.hparams.export_dir:
+            export_from_trainer(
+                self.trainer,
+                self.actor,
+                self.tokenizer,
+                self.hparams.export_dir,
+                {
+                    "stage": "policy",
+                    "algorithm": self.hparams.algorithm,
+                    "lagrange_multiplier": float(self.dual.value[0]),
+                },
+            )

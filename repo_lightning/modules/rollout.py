@@ -1,0 +1,151 @@
+"""Rollouts: sampling responses with the KV cache and reading log-probabilities and values of the samples.
+
+Shapes: ``N`` samples (prompts x samples per prompt), ``P`` the padded prompt width, ``T`` the padded response
+width, ``L = P + T``. Prompts are left-padded and responses right-padded, so every response starts at column ``P``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from repo_lightning.models.backbone import position_ids_from_mask, token_scores
+from repo_lightning.rl.losses import logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything PPO needs about them (all detached).
+
+    Attributes:
+        sequences: ``[N, L]`` prompt + response ids.
+        attention_mask: ``[N, L]``; 1 on prompt tokens and on response tokens up to and including eos.
+        response_mask: ``[N, T]`` float, 1 on response tokens (up to and including the first eos).
+        prompt_length: ``P``.
+        logprobs: ``[N, T]`` actor log-probabilities of the sampled tokens (``logp_old``).
+        ref_logprobs: ``[N, T]`` reference log-probabilities.
+        reward_values: ``[N, T]`` reward critic values ``V_R`` of the state before each response token.
+        cost_values: ``[N, T]`` cost critic values ``V_C``, or ``None`` without a cost critic.
+        rewards: ``[N]`` reward model scores ``R(x, y)``.
+        costs: ``[N]`` cost model scores ``C(x, y)``, or ``None`` without a cost model.
+        prompts: ``N`` raw prompts (each repeated ``k`` times, consecutively).
+        responses: ``N`` decoded responses.
+        meta: ``N`` per-prompt extra fields.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_length: int
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    reward_values: Tensor
+    cost_values: Tensor | None
+    rewards: Tensor
+    costs: Tensor | None
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    @property
+    def response_ids(self) -> Tensor:
+        """``[N, T]`` sampled token ids."""
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def num_samples(self) -> int:
+        """``N``."""
+        return int(self.sequences.shape[0])
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> Tensor:
+    """``[N, T]`` ids -> ``[N, T]`` long mask of the tokens up to and including the first eos."""
+    is_eos = (response_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def sample_responses(
+    actor: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample one response per (already repeated) prompt row with ``generate`` and its KV cache.
+
+    Args:
+        actor: The policy.
+        input_ids: ``[N, P]`` left-padded prompts.
+        attention_mask: ``[N, P]``.
+        max_new_tokens: Response length cap.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_p: Nucleus sampling mass.
+        top_k: Top-k cutoff (0 disables).
+        eos_token_id: Stop token.
+        pad_token_id: Filler after a finished response.
+
+    Returns:
+        ``(sequences [N, P + T], attention_mask [N, P + T], response_mask [N, T])``.
+    """
+    was_training = actor.training
+    actor.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    output = actor.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        **(sampling if temperature > 0 else {"do_sample": False}),
+    )
+    actor.train(was_training)
+    prompt_length = input_ids.shape[1]
+    response_ids = output[:, prompt_length:]
+    if response_ids.shape[1] == 0:  # nothing generated at all
+        response_ids = torch.full_like(input_ids[:, :1], eos_token_id)
+        output = torch.cat([input_ids, response_ids], dim=1)
+    response_mask = response_mask_from_ids(response_ids, eos_token_id)
+    # Tokens past eos become pad so that every later reader sees the same clean sequence.
+    sequences = torch.cat([input_ids, torch.where(response_mask.bool(), response_ids, pad_token_id)], dim=1)
+    return sequences, torch.cat([attention_mask, response_mask], dim=1), response_mask
+
+
+def response_logits(
+    model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+) -> Tensor:
+    """Logits that predict each response token: ``[N, L]`` -> ``[N, T, V]`` (only those positions are computed)."""
+    response_width = sequences.shape[1] - prompt_length
+    logits = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_width + 1,
+    ).logits
+    return logits[:, :-1]
+
+
+def response_logprobs(
+    model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+) -> Tensor:
+    """Log-probabilities of the response tokens: ``[N, L]`` -> ``[N, T]`` float32."""
+    logits = response_logits(model, sequences, attention_mask, prompt_length)
+    return logprobs_from_logits(logits, sequences[:, prompt_length:])
+
+
+def response_values(
+    critic: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+) -> Tensor:
+    """Critic values of the state before each response token: ``[N, L]`` -> ``[N, T]`` float32."""
+    values = token_scores(critic, sequences, attention_mask)
+    return values[:, prompt_length - 1 : -1]

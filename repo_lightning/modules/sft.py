@@ -1,0 +1,100 @@
+"""Stage 0: supervised fine-tuning of the start model on prompt/response pairs (algorithm.md section 2)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from repo_lightning.data.records import SFTBatch
+from repo_lightning.models.backbone import DType, load_causal_lm, load_tokenizer
+from repo_lightning.models.export import export_from_trainer
+from repo_lightning.modules.optimization import optimizer_with_warmup
+from repo_lightning.rl.losses import sft_loss
+
+
+class SFTModule(L.LightningModule):
+    """Causal-LM negative log-likelihood on response tokens only.
+
+    Args:
+        model_name_or_path: Hugging Face hub name or local folder of the start model.
+        model_config: Or a config dict (with ``model_type``) to build a fresh model, for CPU runs.
+        tokenizer_path: Tokenizer folder or hub name (linked from ``data.tokenizer`` by the CLI).
+        dtype: Parameter dtype (``bfloat16`` for large models; pair it with ``trainer.precision``).
+        trust_remote_code: Allow hub model code.
+        attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); ``None``: default.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        optimizer: Optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-3}}``.
+        warmup_steps: Linear learning-rate warm-up steps.
+        export_dir: Where the model and tokenizer are written in Hugging Face layout at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict | None = None,
+        tokenizer_path: str | None = None,
+        dtype: DType = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 0,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer = optimizer
+        self.model = None
+        self.tokenizer = None
+
+    def configure_model(self) -> None:
+        """Build the model (called by the Trainer, once, before sharding or optimizer creation)."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if hp.tokenizer_path is None:
+            raise ValueError("model.tokenizer_path is not set (the CLI links it from data.tokenizer)")
+        self.tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
+        self.model = load_causal_lm(
+            self.tokenizer,
+            hp.model_name_or_path,
+            hp.model_config,
+            hp.dtype,
+            hp.trust_remote_code,
+            hp.attn_implementation,
+        )
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+    def forward(self, batch: SFTBatch) -> torch.Tensor:
+        """Logits ``[B, L, V]``."""
+        return self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).logits
+
+    def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
+        """One SFT step."""
+        loss = sft_loss(self(batch), batch.labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        return loss
+
+    def validation_step(self, batch: SFTBatch, batch_idx: int) -> None:
+        """Held-out response NLL and perplexity."""
+        loss = sft_loss(self(batch), batch.labels)
+        size = batch.input_ids.shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/perplexity", math.exp(min(loss.item(), 50.0)), sync_dist=True, batch_size=size)
+
+    def configure_optimizers(self):
+        """Optimizer (and warm-up) from the injected factory."""
+        return optimizer_with_warmup(self.optimizer, self.model.parameters(), self.hparams.warmup_steps)
+
+    def on_fit_end(self) -> None:
+        """Write the fine-tuned model and tokenizer in Hugging Face layout."""
+        if self.hparams.export_dir:
+            export_from_trainer(
+                self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "sft"}
+            )
