@@ -22,6 +22,12 @@ class RLHFCLI(LightningCLI):
         """Link the data's resolved tokenizer into the module (set once, never repeated in YAML)."""
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer_path", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the config with the hyperparameters stored in --ckpt_path, silently undoing
+        # evaluation settings given on the command line (report_dir, eval_samples_per_prompt, ...). Here the config
+        # and command line define the module; the checkpoint restores weights and training state only.
+        return
+
 
 def main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
     """Run the CLI (``args=None`` reads ``sys.argv``); returns the CLI object for tests and scripts."""

@@ -91,6 +91,10 @@ def read_rows(dataset: str, split: str = "train", subset: str | None = None) -> 
             f"could not load dataset {dataset!r} (subset={subset!r}, split={split!r}): expected a Hugging Face "
             f"hub name, a dataset folder, or a {'/'.join(LOCAL_SUFFIXES)} file ({err})"
         ) from err
+    except datasets.exceptions.DatasetGenerationError as err:
+        # datasets' own message is only "An error occurred while generating the dataset"; the file and row that
+        # failed to parse are in the chained cause.
+        raise DataValidationError(f"{dataset}[{split}]: could not read the rows ({err.__cause__ or err})") from err
     return loaded.to_list()
 
 

@@ -48,7 +48,8 @@ class WorldConfig:
         max_filler_response_words: Most words of a filler-only response.
         num_filler_words: Size of the filler vocabulary (at most 16, taken from a fixed English list).
         off_topic_prob: Probability that a sampled non-refusal, non-filler response gets one off-topic content
-            word (0 in the spec: responses only use their own topic's words).
+            word. The spec leaves it out; 0.25 by default so that the learned reward and cost models see
+            off-topic words in training and do not score them arbitrarily when the policy produces them.
         label_noise: Probability that each ``is_response_i_safe`` label is flipped (annotator noise).
         preference_temperature: ``T`` in ``P(better = 0) = sigmoid((R*_0 - R*_1) / T)`` (and likewise for the
             safer label with ``-C*``).
@@ -89,7 +90,7 @@ class WorldConfig:
     min_filler_response_words: int = 2
     max_filler_response_words: int = 6
     num_filler_words: int = 12
-    off_topic_prob: float = 0.0
+    off_topic_prob: float = 0.25
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2

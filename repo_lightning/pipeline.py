@@ -1,0 +1,215 @@
+"""The whole pipeline on one command: SFT -> reward -> cost -> policy -> evaluation (``make demo``).
+
+Each stage is an ordinary ``python -m repo_lightning`` run of a shipped config (so every stage can also be run by
+hand), with the run folder, export folders and seed overridden on the command line. At the end the evaluation of the
+SFT start and of each trained policy are printed side by side and written to ``<root>/summary.md``.
+
+Example::
+
+    python -m repo_lightning.pipeline --root lightning_logs/demo
+    python -m repo_lightning.pipeline --root runs/seed1 --seed 1 --algorithms ppo_lag repo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from repo_lightning.evaluation import format_table
+
+SUMMARY_KEYS = [
+    "true_reward_mean/benign",
+    "true_reward_mean/hazard",
+    "true_unsafe_response_rate",
+    "true_unsafe_prompt_rate/hazard_mild",
+    "true_unsafe_prompt_rate/hazard_severe",
+    "over_refusal_rate",
+    "reward_mean",
+    "unsafe_prompt_rate",
+    "kl_mean",
+]
+
+
+def run_cli(args: list[str], log_file: Path | None = None) -> float:
+    """Run ``python -m repo_lightning ARGS`` in a subprocess; raise with the log tail on failure.
+
+    Returns:
+        The wall time in seconds.
+    """
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "repo_lightning", *args]
+    print("$", " ".join(command), flush=True)
+    if log_file is None:
+        result = subprocess.run(command, check=False)
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("w") as handle:
+            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = log_file.read_text()[-3000:] if log_file is not None else ""
+        raise RuntimeError(f"stage failed ({result.returncode}): {' '.join(args)}\n{tail}")
+    return time.perf_counter() - start
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    """Newest ``*.ckpt`` under ``folder``."""
+    found = sorted(folder.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {folder}")
+    return found[-1]
+
+
+class Pipeline:
+    """The stages of one pipeline run, with every output under ``root``.
+
+    Args:
+        root: Run folder (logs, exports, evaluations, summary).
+        config_dir: Folder holding ``sft.yaml``, ``reward.yaml``, ``cost.yaml`` and one YAML per algorithm.
+        seed: Seed of every stage (``seed_everything`` and the policy's sampling seed).
+        extra: Extra CLI arguments per stage name (``sft``, ``reward``, ``cost``, ``policy``, ``world``).
+        quiet: Send stage output to log files instead of the terminal.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        config_dir: str | Path = "configs/demo",
+        seed: int = 0,
+        extra: dict[str, list[str]] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.config_dir = Path(config_dir)
+        self.seed = seed
+        self.extra = extra or {}
+        self.quiet = quiet
+        self.timings: dict[str, float] = {}
+
+    def export(self, name: str) -> str:
+        """Export folder of a stage."""
+        return str(self.root / "exports" / name)
+
+    def _common(self, stage: str, run_name: str) -> list[str]:
+        return [
+            f"--seed_everything={self.seed}",
+            f"--trainer.logger.init_args.save_dir={self.root / 'logs'}",
+            f"--trainer.logger.init_args.name={run_name}",
+            *self.extra.get("world", []),
+            *self.extra.get(stage, []),
+        ]
+
+    def _run(self, name: str, args: list[str]) -> None:
+        log_file = self.root / "logs" / f"{name}.log" if self.quiet else None
+        self.timings[name] = run_cli(args, log_file)
+
+    def train_models(self) -> None:
+        """SFT, reward and cost stages, each followed by its held-out test."""
+        for stage, init in (("sft", None), ("reward", "sft"), ("cost", "sft")):
+            config = str(self.config_dir / f"{stage}.yaml")
+            args = [
+                "--config",
+                config,
+                *self._common(stage, stage),
+                f"--model.init_args.export_dir={self.export(stage)}",
+            ]
+            if init is not None:
+                args.append(f"--model.init_args.model_name_or_path={self.export(init)}")
+            self._run(f"fit_{stage}", ["fit", *args])
+            if stage != "sft":
+                test = ["--config", config, *self._common(stage, f"{stage}_test")]
+                test.append(f"--model.init_args.model_name_or_path={self.export(stage)}")
+                self._run(f"test_{stage}", ["test", *test])
+
+    def _policy_args(self, algorithm: str, run_name: str, extra: list[str] | None = None) -> list[str]:
+        return [
+            "--config",
+            str(self.config_dir / f"{algorithm}.yaml"),
+            *self._common("policy", run_name),
+            f"--model.init_args.actor_path={self.export('sft')}",
+            f"--model.init_args.reward_model_path={self.export('reward')}",
+            f"--model.init_args.cost_model_path={self.export('cost')}",
+            f"--model.init_args.seed={self.seed}",
+            *(extra or []),
+        ]
+
+    def evaluate_start(self) -> Path:
+        """Evaluate the SFT policy itself (the starting point), with the RePO config's evaluation settings."""
+        out = self.root / "eval" / "sft"
+        args = self._policy_args("repo", "eval_sft")
+        self._run("eval_sft", ["test", *args, f"--model.init_args.report_dir={out}"])
+        return out
+
+    def fit_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
+        """Train one policy from the SFT export; returns its run folder ``<root>/logs/policy_<name>``.
+
+        Args:
+            algorithm: Config to start from, ``<config_dir>/<algorithm>.yaml``.
+            name: Name of the run, its export and its evaluation (default: ``algorithm``), so that several
+                variants of one algorithm can live side by side under one root.
+            extra: CLI arguments for this run only, after the stage's ``extra["policy"]``.
+        """
+        name = name or algorithm
+        run_name = f"policy_{name}"
+        args = self._policy_args(algorithm, run_name, extra)
+        self._run(f"fit_{name}", ["fit", *args, f"--model.init_args.export_dir={self.export(name)}"])
+        return self.root / "logs" / run_name
+
+    def evaluate_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
+        """Evaluate the last checkpoint of :meth:`fit_policy` (same arguments) on the held-out prompts."""
+        name = name or algorithm
+        run_name = f"policy_{name}"
+        checkpoint = latest_checkpoint(self.root / "logs" / run_name)
+        out = self.root / "eval" / name
+        args = self._policy_args(algorithm, run_name, extra)
+        self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", f"--model.init_args.report_dir={out}"])
+        return out
+
+    def train_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
+        """Train one policy and evaluate its last checkpoint on the held-out prompts (see :meth:`fit_policy`)."""
+        self.fit_policy(algorithm, name, extra)
+        return self.evaluate_policy(algorithm, name, extra)
+
+    def summary(self, evaluations: dict[str, Path]) -> str:
+        """Side-by-side table of the evaluations, also written to ``summary.md`` and ``summary.json``."""
+        metrics = {name: json.loads((path / "metrics.json").read_text()) for name, path in evaluations.items()}
+        keys = [k for k in SUMMARY_KEYS if any(k in m for m in metrics.values())]
+        table = format_table(metrics, keys)
+        timing = "\n".join(f"- {name}: {seconds:.1f} s" for name, seconds in self.timings.items())
+        reports = "\n".join(f"- {name}: {path / 'report.md'}" for name, path in evaluations.items())
+        text = (
+            "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
+            f"are the learned models' judgement.\n\n{table}\n\n## Reports\n{reports}\n\n## Wall time\n{timing}\n"
+        )
+        (self.root / "summary.md").write_text(text)
+        (self.root / "summary.json").write_text(json.dumps({"metrics": metrics, "timings": self.timings}, indent=2))
+        return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="lightning_logs/demo", help="run folder (default: %(default)s)")
+    parser.add_argument("--config-dir", default="configs/demo", help="stage configs (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
+    parser.add_argument(
+        "--algorithms", nargs="+", default=["repo"], choices=["ppo", "ppo_lag", "repo"], help="policies to train"
+    )
+    parser.add_argument("--quiet", action="store_true", help="write stage output to <root>/logs/*.log")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    pipeline = Pipeline(args.root, args.config_dir, args.seed, quiet=args.quiet)
+    pipeline.train_models()
+    evaluations = {"sft": pipeline.evaluate_start()}
+    for algorithm in args.algorithms:
+        evaluations[algorithm] = pipeline.train_policy(algorithm)
+    print(pipeline.summary(evaluations))
+    print(f"total wall time: {time.perf_counter() - start:.0f} s")
+    print(f"report: {Path(args.root) / 'summary.md'} (per-policy reports under {Path(args.root) / 'eval'})")
+
+
+if __name__ == "__main__":
+    main()

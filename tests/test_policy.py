@@ -1,0 +1,379 @@
+"""Behaviour of the stage-3 PolicyModule through the CLI on a tiny SafetyWorld (CPU, a few seconds each).
+
+Each run writes its own YAML under ``tmp_path`` and calls ``main(["fit" | "test", "--config", ...])``; the models are
+the session's tiny exports (``tests/conftest.py``), never the demo exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from repo_lightning.cli import main
+from repo_lightning.data.collate import PromptExample, collate_prompts
+from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE, encode_prompt
+from repo_lightning.models.backbone import load_score_model
+from repo_lightning.modules import PolicyModule
+from repo_lightning.safetyworld import World, WorldConfig
+from repo_lightning.safetyworld.tokenizer import build_word_tokenizer
+
+TRAIN_SCALARS = (
+    "train/dual_statistic",
+    "train/reward_mean",
+    "train/cost_mean",
+    "train/unsafe_frac",
+    "train/unsafe_prompt_frac",
+    "train/kl",
+    "train/policy_loss",
+    "train/clipfrac",
+    "train/approx_kl",
+    "train/entropy",
+    "train/value_loss_reward",
+    "train/value_loss_cost",
+    "train/response_len",
+    "train/rectified_cost_mean",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _policy_single_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core box thread spin-waits cost ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _world_overrides(config: WorldConfig) -> dict:
+    """The fields of ``config`` that differ from ``WorldConfig()``, YAML-ready (tuples as lists)."""
+    default = dataclasses.asdict(WorldConfig())
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(config).items()
+        if value != default[key]
+    }
+
+
+def _policy_config(
+    tmp_path: Path,
+    exports: dict[str, str],
+    world: WorldConfig,
+    model: dict | None = None,
+    data: dict | None = None,
+    trainer: dict | None = None,
+) -> str:
+    """Write a tiny stage-3 config (one iteration of 2 prompts x 2 samples unless overridden); returns its path."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 1,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs"), "name": "policy", "version": 0},
+            },
+            **(trainer or {}),
+        },
+        "model": {
+            "class_path": "repo_lightning.modules.PolicyModule",
+            "init_args": {
+                "actor_path": exports["sft"],
+                "reward_model_path": exports["reward"],
+                "cost_model_path": exports["cost"],
+                "algorithm": "repo",
+                "samples_per_prompt": 2,
+                "max_new_tokens": 6,
+                "minibatch_size": 4,
+                "actor_lr": 1e-2,
+                "critic_lr": 1e-2,
+                "eval_samples_per_prompt": 2,
+                **(model or {}),
+            },
+        },
+        "data": {
+            "mode": "prompts",
+            "dataset": "safetyworld",
+            "world": _world_overrides(world),
+            "tokenizer": exports["tokenizer"],
+            "cache_dir": str(tmp_path / "cache"),
+            "batch_size": 2,
+            "max_prompt_length": 32,
+            "max_length": 48,
+            "val_fraction": 0.0,
+            **(data or {}),
+        },
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _fit(config: str, *extra: str):
+    return main(["fit", "--config", config, *extra])
+
+
+def _assert_all_equal(module: torch.nn.Module, reference: torch.nn.Module) -> None:
+    state, saved = module.state_dict(), reference.state_dict()
+    assert state.keys() == saved.keys()
+    for key in saved:
+        assert torch.equal(state[key], saved[key]), key
+
+
+def _any_changed(module: torch.nn.Module, reference: torch.nn.Module) -> bool:
+    saved = reference.state_dict()
+    return any(not torch.equal(value, saved[key]) for key, value in module.state_dict().items())
+
+
+def _scalars(log_dir: str) -> dict[str, list[float]]:
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _constant_score_model(tokenizer_dir: str, out_dir: Path, score: float) -> str:
+    """A Llama score model whose output is ``score`` for every input, saved to ``out_dir``.
+
+    Every token embeds to the same all-ones vector and every attention and MLP block writes zero into the residual
+    stream, so the final RMSNorm sees ones and yields ``1 / sqrt(1 + eps)`` in each of the ``H`` dimensions; a score
+    head of ``score / H`` everywhere then outputs ``score`` (to within ``eps``). Llama's head has no bias to set.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = load_score_model(
+        tokenizer,
+        model_config={
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        },
+    )
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.score.weight.fill_(score / model.config.hidden_size)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_training_step_updates_actor_and_critics_only(tmp_path, tiny_exports, tiny_world_config):
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config))
+    module = cli.model
+    assert cli.trainer.global_step == 1 and int(module.iteration) == 1
+
+    sft = AutoModelForCausalLM.from_pretrained(tiny_exports["sft"])
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_exports["reward"])
+    cost = AutoModelForSequenceClassification.from_pretrained(tiny_exports["cost"])
+    # Trained: the actor starts from the SFT export, the critics from the reward and cost models.
+    assert _any_changed(module.actor, sft)
+    assert _any_changed(module.reward_critic, reward)
+    assert _any_changed(module.cost_critic, cost)
+    # Frozen: bit-for-bit the saved weights, and without gradients.
+    _assert_all_equal(module.ref_model, sft)
+    _assert_all_equal(module.reward_model, reward)
+    _assert_all_equal(module.cost_model, cost)
+    for name in ("ref_model", "reward_model", "cost_model"):
+        assert not any(p.requires_grad for p in getattr(module, name).parameters()), name
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "ppo_lag", "repo"])
+def test_each_algorithm_logs_section_8_scalars(tmp_path, tiny_exports, tiny_world_config, algorithm):
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model={"algorithm": algorithm}))
+    module = cli.model
+    assert int(module.iteration) == 1
+    assert (module.cost_critic is None) == (algorithm == "ppo")
+
+    scalars = _scalars(cli.trainer.logger.log_dir)
+    expected = set(TRAIN_SCALARS)
+    if algorithm == "ppo":
+        # No constraint: no dual statistic and no cost critic; the cost model (configured) is still reported.
+        expected -= {"train/dual_statistic", "train/value_loss_cost"}
+        assert "train/dual_statistic" not in scalars and "train/value_loss_cost" not in scalars
+    else:
+        expected.add("train/lambda")
+    missing = expected - scalars.keys()
+    assert not missing, f"{algorithm}: missing {sorted(missing)} from {sorted(scalars)}"
+    for tag in expected:
+        assert all(math.isfinite(v) for v in scalars[tag]), tag
+    if algorithm != "ppo":
+        assert scalars["train/lambda"][-1] == pytest.approx(float(module.dual.value[0]))
+        # unsafe_frac counts C > 0 among the 4 samples; rectified_cost_mean is the mean of {C}^+.
+        assert 0.0 <= scalars["train/unsafe_frac"][-1] <= scalars["train/unsafe_prompt_frac"][-1] <= 1.0
+        assert scalars["train/rectified_cost_mean"][-1] >= max(scalars["train/cost_mean"][-1], 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ multiplier
+DUAL = {"dual_rule": "log", "lagrange_init": 1.0, "lagrange_lr": 0.5, "threshold": 0.0, "tolerance": 0.0}
+
+
+def _run_with_cost(tmp_path, exports, world, algorithm: str, cost_score: float):
+    cost = _constant_score_model(exports["tokenizer"], tmp_path / "const_cost", cost_score)
+    model = {"algorithm": algorithm, "cost_model_path": cost, **DUAL}
+    cli = _fit(_policy_config(tmp_path, exports, world, model=model, trainer={"max_steps": 2}))
+    module = cli.model
+    assert int(module.iteration) == 2
+    return module, _scalars(cli.trainer.logger.log_dir)
+
+
+def test_repo_multiplier_rises_while_every_sample_is_unsafe(tmp_path, tiny_exports, tiny_world_config):
+    module, scalars = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, "repo", cost_score=1.0)
+    assert scalars["train/unsafe_frac"] == pytest.approx([1.0, 1.0])
+    # g = mean({C}^+) - 0 = 1; log rule: log lam += lr * lam * g, so lam: 1 -> e^0.5 -> e^(0.5 + 0.5 e^0.5).
+    assert scalars["train/dual_statistic"] == pytest.approx([1.0, 1.0], abs=1e-4)
+    lam1 = math.exp(0.5)
+    lam2 = lam1 * math.exp(0.5 * lam1)
+    assert scalars["train/lambda"] == pytest.approx([lam1, lam2], rel=1e-3)
+    assert float(module.dual.value[0]) == pytest.approx(lam2, rel=1e-3)
+    assert [v for _, v in module.lambda_history] == pytest.approx([lam1, lam2], rel=1e-3)
+
+
+@pytest.mark.parametrize("algorithm", ["repo", "ppo_lag"])
+def test_all_safe_holds_repo_multiplier_but_lowers_ppo_lag(tmp_path, tiny_exports, tiny_world_config, algorithm):
+    module, scalars = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, algorithm, cost_score=-1.0)
+    assert scalars["train/unsafe_frac"] == [0.0, 0.0]
+    assert scalars["train/rectified_cost_mean"] == [0.0, 0.0]
+    lam = float(module.dual.value[0])
+    if algorithm == "repo":
+        # g = mean({C}^+) = 0 exactly: safe samples never move RePO's multiplier.
+        assert scalars["train/dual_statistic"] == [0.0, 0.0]
+        assert lam == DUAL["lagrange_init"]
+        assert scalars["train/lambda"] == [1.0, 1.0]
+    else:
+        # Safe RLHF: g = mean(C) - 0 = -1, so log lam falls by lr * lam each step: 1 -> e^-0.5 -> ...
+        assert scalars["train/dual_statistic"] == pytest.approx([-1.0, -1.0], abs=1e-4)
+        lam1 = math.exp(-0.5)
+        lam2 = lam1 * math.exp(-0.5 * lam1)
+        assert scalars["train/lambda"] == pytest.approx([lam1, lam2], rel=1e-3)
+        assert lam == pytest.approx(lam2, rel=1e-3) and lam < 1.0
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_test_subcommand_writes_report_with_ground_truth(tmp_path, tiny_exports, tiny_world_config):
+    report_dir = tmp_path / "report"
+    config = _policy_config(tmp_path, tiny_exports, tiny_world_config, data={"eval_batch_size": 8})
+    cli = main(["test", "--config", config, f"--model.report_dir={report_dir}", "--model.algorithm=ppo_lag"])
+
+    rows = [json.loads(line) for line in (report_dir / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(rows) == tiny_world_config.num_eval_prompts
+    assert all(len(row["responses"]) == 2 and len(row["true_costs"]) == 2 for row in rows)
+    report = (report_dir / "report.md").read_text()
+    assert "ppo_lag" in report
+    for png in ("cost_histogram.png", "reward_vs_cost.png"):
+        assert (report_dir / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
+
+    summary = cli.model.evaluation_summary
+    assert "true_unsafe_prompt_rate" in summary
+    kinds = {row["kind"] for row in rows}
+    assert kinds and all(f"true_unsafe_prompt_rate/{kind}" in summary for kind in kinds)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["true_unsafe_prompt_rate"] == pytest.approx(summary["true_unsafe_prompt_rate"])
+
+
+# ------------------------------------------------------------------------------------------- cross-tokenizer
+def _foreign_exports(tmp_path: Path, exports: dict[str, str], world: WorldConfig) -> dict[str, str]:
+    """Reward and cost models whose tokenizer holds the same words as the policy's in a shuffled order."""
+    words = World(world).vocabulary()
+    random.Random(0).shuffle(words)
+    tokenizer = build_word_tokenizer(words)
+    policy_tokenizer = AutoTokenizer.from_pretrained(exports["tokenizer"])
+    assert set(tokenizer.get_vocab()) == set(policy_tokenizer.get_vocab())
+    assert tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+    paths = dict(exports)
+    for seed, name in ((3, "reward"), (4, "cost")):
+        torch.manual_seed(seed)
+        model = load_score_model(
+            tokenizer,
+            model_config={
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+        )
+        paths[name] = str(tmp_path / f"foreign_{name}")
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def test_cross_tokenizer_scores_decoded_text(tmp_path, tiny_exports, tiny_world_config):
+    exports = _foreign_exports(tmp_path, tiny_exports, tiny_world_config)
+    module = PolicyModule(
+        actor_path=exports["sft"],
+        reward_model_path=exports["reward"],
+        cost_model_path=exports["cost"],
+        tokenizer_path=exports["tokenizer"],
+        critic_init="score_model",
+    )
+    with pytest.raises(ValueError, match="critic_init: actor"):
+        module.configure_model()
+
+    module = PolicyModule(
+        actor_path=exports["sft"],
+        reward_model_path=exports["reward"],
+        cost_model_path=exports["cost"],
+        tokenizer_path=exports["tokenizer"],
+        critic_init="actor",
+        max_new_tokens=6,
+    )
+    module.configure_model()
+    assert not module.reward_scorer.reuse_policy_ids and not module.cost_scorer.reuse_policy_ids
+    tokenizer = module.tokenizer
+    prompts = [row["prompt"] for row in World(tiny_world_config).rl_prompts()[:3]]
+    examples = [
+        PromptExample(encode_prompt(tokenizer, p, SAFE_RLHF_TEMPLATE, 32)[0], p, i) for i, p in enumerate(prompts)
+    ]
+    torch.manual_seed(0)
+    rollout = module.rollout(collate_prompts(examples, tokenizer.pad_token_id), 2, 1.0)
+
+    for name, scores in (("reward", rollout.rewards), ("cost", rollout.costs)):
+        model = AutoModelForSequenceClassification.from_pretrained(exports[name]).eval()
+        foreign = AutoTokenizer.from_pretrained(exports[name])
+        expected = []
+        for row in range(rollout.num_samples):
+            ids = rollout.response_ids[row][rollout.response_mask[row].bool()]
+            response = tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+            text = f"<s>{SAFE_RLHF_TEMPLATE.format(prompt=rollout.prompts[row])} {response}</s>"
+            encoded = foreign(text, add_special_tokens=False, return_tensors="pt")
+            assert encoded.input_ids[0, 0] == foreign.bos_token_id and encoded.input_ids[0, -1] == foreign.eos_token_id
+            with torch.no_grad():
+                expected.append(model(**encoded).logits[0, 0])
+        torch.testing.assert_close(scores, torch.stack(expected), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_cross_tokenizer_training_step(tmp_path, tiny_exports, tiny_world_config):
+    exports = _foreign_exports(tmp_path, tiny_exports, tiny_world_config)
+    model = {"reward_model_path": exports["reward"], "cost_model_path": exports["cost"], "critic_init": "actor"}
+    cli = _fit(_policy_config(tmp_path, exports, tiny_world_config, model=model))
+    module = cli.model
+    assert int(module.iteration) == 1
+    sft = AutoModelForCausalLM.from_pretrained(exports["sft"])
+    assert _any_changed(module.actor, sft)
+    _assert_all_equal(module.reward_model, AutoModelForSequenceClassification.from_pretrained(exports["reward"]))
+    # critic_init: actor -- the critics carry the actor's backbone (policy vocabulary), not the foreign reward model's.
+    assert module.reward_critic.config.vocab_size == sft.config.vocab_size
+    assert "train/reward_mean" in _scalars(cli.trainer.logger.log_dir)
