@@ -112,9 +112,9 @@ def load_causal_lm(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if model_name_or_path is not None:
-        return _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs)
+        return _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs).train()
     config = _config_from_dict(model_config, tokenizer, None)
-    return AutoModelForCausalLM.from_config(config, **kwargs)
+    return AutoModelForCausalLM.from_config(config, **kwargs).train()
 
 
 def load_score_model(
@@ -144,7 +144,7 @@ def load_score_model(
     if model.config.pad_token_id is None:
         # HF's own pooling finds the last token through pad_token_id; keep it equal to ours.
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return model.train()
 
 
 def score_head(model: PreTrainedModel) -> nn.Module:
@@ -166,15 +166,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_scores(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Score head applied at every position: ``[B, L]`` ids -> ``[B, L]`` float32 scores (critic values)."""
-    backbone = model.base_model
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return score_head(model)(hidden).squeeze(-1).float()
+    """Score head applied at every position: ``[B, L]`` ids -> ``[B, L]`` float32 scores (critic values).
+
+    The model runs through its own (root) ``forward`` and the head's per-position output is read with a hook: a
+    model sharded with FSDP2 gathers its weights in the hooks of the modules it is called through, so calling the
+    backbone and head separately would find the root's weights (embeddings, head) still sharded.
+    """
+    captured: list[torch.Tensor] = []
+    handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        handle.remove()
+    return captured[0].squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

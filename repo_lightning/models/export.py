@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from repo_lightning.models.lora import lora_scalings, merge_lora_state_dict
+
 
 def export_pretrained(
     model: PreTrainedModel,
@@ -71,6 +73,26 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def fsdp1_full_state_dict(trainer, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Full weights of ``model`` under Lightning's ``FSDPStrategy`` (FSDP1), which wraps the whole LightningModule.
+
+    FSDP1 gathers a full state dict only from its root, so the LightningModule's is gathered (a collective; rank 0
+    receives the tensors, on the CPU) and ``model``'s entries are cut out of it. Returns ``None`` under any other
+    strategy.
+    """
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = getattr(trainer.strategy, "model", None)
+    if not isinstance(root, FSDP):
+        return None
+    prefix = next(f"{name}." for name, child in trainer.lightning_module.named_children() if child is model)
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+        state = root.state_dict()
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
 def export_from_trainer(
     trainer,
     model: PreTrainedModel,
@@ -79,6 +101,11 @@ def export_from_trainer(
     metadata: dict,
 ) -> Path | None:
     """Export once per job: every rank gathers the full weights (a collective when sharded), rank 0 writes.
+
+    Sharded models are consolidated: FSDP2 (``ModelParallelStrategy``) through :func:`full_state_dict`, FSDP1
+    (Lightning's ``FSDPStrategy``) through :func:`fsdp1_full_state_dict`.
+
+    LoRA adapters are merged into the weights, so the export is a plain model.
 
     Args:
         trainer: The running ``lightning.Trainer`` (for the rank and the barrier).
@@ -90,9 +117,14 @@ def export_from_trainer(
     Returns:
         The export folder on rank 0, ``None`` elsewhere.
     """
-    state = full_state_dict(model)
+    state = fsdp1_full_state_dict(trainer, model)
+    if state is None:
+        state = full_state_dict(model)
     written = None
     if trainer.is_global_zero:
+        scalings = lora_scalings(model)
+        if scalings:
+            state = merge_lora_state_dict(state if state is not None else model.state_dict(), scalings)
         written = export_pretrained(model, tokenizer, export_dir, state_dict=state, metadata=metadata)
     trainer.strategy.barrier("repo_lightning_export")
     return written

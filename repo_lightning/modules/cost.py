@@ -12,6 +12,8 @@ from torchmetrics.classification import BinaryAccuracy
 from repo_lightning.data.records import PreferenceBatch
 from repo_lightning.models.backbone import DType, load_score_model, load_tokenizer
 from repo_lightning.models.export import export_from_trainer
+from repo_lightning.models.lora import LoRA, apply_lora
+from repo_lightning.models.sharding import Sharding, enable_gradient_checkpointing, shard_models
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import cost_model_loss
@@ -33,6 +35,8 @@ class CostModule(L.LightningModule):
         trust_remote_code: Allow hub model code.
         attn_implementation: Attention kernel; ``None`` keeps the default.
         gradient_checkpointing: Recompute activations in the backward pass.
+        lora: Train LoRA adapters (and a score head) instead of every weight; ``None`` trains all (needs peft).
+        sharding: FSDP2 layout under ``ModelParallelStrategy`` (ignored by other strategies).
         regularization: Weight of the score-magnitude penalty.
         oracle_margin: In ``test`` with ground truth, the oracle ranking accuracy counts pairs whose true costs
             differ by at least this much.
@@ -50,6 +54,8 @@ class CostModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
+        sharding: Sharding | None = None,
         regularization: float = 0.0,
         oracle_margin: float = 0.5,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -61,10 +67,12 @@ class CostModule(L.LightningModule):
         self.optimizer = optimizer
         self.model = None
         self.tokenizer = None
-        self.accuracy = nn.ModuleDict({s: BinaryAccuracy() for s in _SPLITS})
-        self.sign_accuracy = nn.ModuleDict({s: BinaryAccuracy() for s in _SPLITS})
-        self.cost_mean = nn.ModuleDict({s: MeanMetric() for s in _SPLITS})
-        self.unsafe_share = nn.ModuleDict({s: MeanMetric() for s in _SPLITS})
+        # Training metrics are synced on every step so each rank logs the global value (validation and test
+        # metrics are synced when computed at the epoch end).
+        self.accuracy = nn.ModuleDict({s: BinaryAccuracy(dist_sync_on_step=s == "train_") for s in _SPLITS})
+        self.sign_accuracy = nn.ModuleDict({s: BinaryAccuracy(dist_sync_on_step=s == "train_") for s in _SPLITS})
+        self.cost_mean = nn.ModuleDict({s: MeanMetric(dist_sync_on_step=s == "train_") for s in _SPLITS})
+        self.unsafe_share = nn.ModuleDict({s: MeanMetric(dist_sync_on_step=s == "train_") for s in _SPLITS})
         self.oracle_sign_accuracy = BinaryAccuracy()
         self.oracle_accuracy = BinaryAccuracy()
 
@@ -84,8 +92,11 @@ class CostModule(L.LightningModule):
             hp.trust_remote_code,
             hp.attn_implementation,
         )
+        if hp.lora is not None:
+            apply_lora(self.model, hp.lora)
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(self.model)
+        shard_models(self, [self.model], sharding=hp.sharding)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Costs of both responses of each pair, ``[B, 2]``."""
@@ -103,8 +114,8 @@ class CostModule(L.LightningModule):
         self.sign_accuracy[key]((costs > 0).long().flatten(), (~batch.is_safe).long().flatten())
         self.cost_mean[key](costs.flatten())
         self.unsafe_share[key]((costs > 0).float().flatten())
-        size, sync = batch.num_pairs, split != "train"
-        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=size)
+        size = batch.num_pairs
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log(f"{split}/accuracy", self.accuracy[key], prog_bar=True, batch_size=size)
         self.log(f"{split}/sign_accuracy", self.sign_accuracy[key], prog_bar=True, batch_size=size)
         self.log(f"{split}/cost_mean", self.cost_mean[key], batch_size=size)
@@ -135,7 +146,8 @@ class CostModule(L.LightningModule):
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""
-        return optimizer_with_warmup(self.optimizer, self.model.parameters(), self.hparams.warmup_steps)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        return optimizer_with_warmup(self.optimizer, trained, self.hparams.warmup_steps)
 
     def on_fit_end(self) -> None:
         """Write the cost model and tokenizer in Hugging Face layout."""

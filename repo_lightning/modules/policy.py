@@ -24,7 +24,15 @@ from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.evaluation import PromptResult, summarize, write_report
 from repo_lightning.models.backbone import DType, freeze, load_causal_lm, load_score_model, load_tokenizer
 from repo_lightning.models.export import export_from_trainer
+from repo_lightning.models.lora import LoRA, apply_lora
 from repo_lightning.models.scorer import Scorer, decode_responses, same_tokenizer, score_samples
+from repo_lightning.models.sharding import (
+    Sharding,
+    as_sharding,
+    enable_gradient_checkpointing,
+    move_offloaded_to_cpu,
+    shard_models,
+)
 from repo_lightning.modules.policy_steps import (
     Advantages,
     compute_advantages,
@@ -58,6 +66,8 @@ class PolicyModule(L.LightningModule):
         rectify: RePO's unsafe test per ``sample`` (C > 0) or per ``prompt`` (mean of its k samples > 0).
         normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor of the mixed advantage.
         kl_coef: ``beta``, KL penalty on the reward stream.
+        missing_eos_penalty: Added to the reward of a response cut at ``max_new_tokens`` without eos (a guard
+            against the policy padding answers to exploit the reward model); ``None`` disables.
         cost_kl_coef: ``beta_c`` on the cost stream; ``None`` means 0 for ``repo`` and ``beta`` otherwise.
         score_clip: Clip reward and cost scores to ``+-score_clip`` before shaping; ``None`` disables.
         clip_ratio: PPO ratio clip ``eps``.
@@ -97,6 +107,10 @@ class PolicyModule(L.LightningModule):
         trust_remote_code: Allow hub model code.
         attn_implementation: Attention kernel; ``None`` keeps the default.
         gradient_checkpointing: Recompute activations of the actor and critics in the backward pass.
+        lora: Train LoRA adapters of the actor and critics (and the critics' score heads) instead of every weight;
+            ``None`` trains all (needs peft). The export merges the adapters into the actor's weights.
+        sharding: FSDP2 layout under ``ModelParallelStrategy``: the actor and critics are sharded per transformer
+            block, the frozen models sharded (optionally offloaded to CPU) or replicated; ignored elsewhere.
         seed: Base seed of the per-iteration sampling seed (so resumed runs draw the same samples).
     """
 
@@ -113,6 +127,7 @@ class PolicyModule(L.LightningModule):
         rectify: Literal["sample", "prompt"] = "sample",
         normalize_advantage_mix: bool = True,
         kl_coef: float = 0.02,
+        missing_eos_penalty: float | None = None,
         cost_kl_coef: float | None = None,
         score_clip: float | None = 50.0,
         clip_ratio: float = 0.2,
@@ -152,6 +167,8 @@ class PolicyModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
+        sharding: Sharding | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -188,11 +205,17 @@ class PolicyModule(L.LightningModule):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.lambda_history: list[tuple[int, float]] = []
         self.actor = None
+        self._sharded = False
         self._eval_results: list[PromptResult] = []
+        self.register_state_dict_post_hook(_drop_frozen_models)
 
     # ----------------------------------------------------------------------------------------------- models
     def configure_model(self) -> None:
-        """Load the six models (once); the frozen ones are put in eval mode without gradients."""
+        """Load the six models (once); the frozen ones are put in eval mode without gradients.
+
+        Under ``ModelParallelStrategy`` each model is sharded as soon as it is loaded, so a rank holds at most one
+        full model in CPU memory at a time.
+        """
         if self.actor is not None:
             return
         hp = self.hparams
@@ -205,25 +228,38 @@ class PolicyModule(L.LightningModule):
             "attn_implementation": hp.attn_implementation,
         }
         self.tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
-        self.actor = load_causal_lm(self.tokenizer, hp.actor_path, **common)
-        self.ref_model = freeze(load_causal_lm(self.tokenizer, hp.actor_path, **common))
+        self._sharded = self.device_mesh is not None
+        self.actor = self._trained(load_causal_lm(self.tokenizer, hp.actor_path, **common))
+        self.ref_model = self._frozen(load_causal_lm(self.tokenizer, hp.actor_path, **common))
         self.reward_scorer = self._scorer(hp.reward_model_path, hp.reward_template, common)
         self.reward_model = self.reward_scorer.model
         self.cost_scorer = None
         if hp.cost_model_path is not None:
             self.cost_scorer = self._scorer(hp.cost_model_path, hp.cost_template, common)
             self.cost_model = self.cost_scorer.model
-        self.reward_critic = self._critic(hp.reward_model_path, self.reward_scorer, common)
+        self.reward_critic = self._trained(self._critic(hp.reward_model_path, self.reward_scorer, common))
         self.cost_critic = None
         if hp.algorithm != "ppo":
-            self.cost_critic = self._critic(hp.cost_model_path, self.cost_scorer, common)
+            self.cost_critic = self._trained(self._critic(hp.cost_model_path, self.cost_scorer, common))
+
+    def _trained(self, model):
+        """LoRA and activation checkpointing if configured, then sharding (``ModelParallelStrategy`` only)."""
+        hp = self.hparams
+        if hp.lora is not None:
+            apply_lora(model, hp.lora)
         if hp.gradient_checkpointing:
-            for model in self.trained_models():
-                model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(model)
+        shard_models(self, [model], sharding=hp.sharding)
+        return model
+
+    def _frozen(self, model):
+        """Frozen, then sharded, offloaded or replicated as ``sharding`` says (``ModelParallelStrategy`` only)."""
+        shard_models(self, [], [freeze(model)], sharding=self.hparams.sharding)
+        return model
 
     def _scorer(self, path: str, template: str, common: dict) -> Scorer:
         tokenizer = load_tokenizer(path, self.hparams.trust_remote_code)
-        model = freeze(load_score_model(tokenizer, path, **common))
+        model = self._frozen(load_score_model(tokenizer, path, **common))
         reuse = same_tokenizer(tokenizer, self.tokenizer) and template == self._policy_template()
         return Scorer(model, tokenizer, template, reuse)
 
@@ -244,6 +280,9 @@ class PolicyModule(L.LightningModule):
     def _oracle(self):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(datamodule, "oracle", None)
+
+    def _frozen_models(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self, name, None) for name in FROZEN) if m is not None]
 
     def trained_models(self) -> list[torch.nn.Module]:
         """Actor and critics (the models with gradients)."""
@@ -277,6 +316,7 @@ class PolicyModule(L.LightningModule):
             hp.top_k,
             tok.eos_token_id,
             tok.pad_token_id,
+            synced_gpus=self._sharded,
         )
         prompt_length = input_ids.shape[1]
         prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
@@ -305,9 +345,10 @@ class PolicyModule(L.LightningModule):
             cost_values,
             rewards,
             costs,
-            prompts,
-            responses,
-            meta,
+            finished=(sequences[:, prompt_length:] == tok.eos_token_id).any(1),
+            prompts=prompts,
+            responses=responses,
+            meta=meta,
         )
 
     def _seed_iteration(self, salt: int = 0) -> None:
@@ -413,11 +454,17 @@ class PolicyModule(L.LightningModule):
         self.evaluation_summary = summary
 
     # ---------------------------------------------------------------------------------------- checkpoints
+    def on_fit_start(self) -> None:
+        """Return CPU-offloaded frozen shards to CPU memory (the strategy moved the whole module to the GPU)."""
+        if self._sharded and as_sharding(self.hparams.sharding).offload_frozen:
+            move_offloaded_to_cpu(self._frozen_models())
+
+    def on_test_start(self) -> None:
+        """As :meth:`on_fit_start`."""
+        self.on_fit_start()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep frozen models out of checkpoints (they reload from their paths); save the multiplier history."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
-            del state[key]
+        """Save the multiplier history (frozen models are left out of ``state_dict`` itself)."""
         checkpoint["lambda_history"] = [list(item) for item in self.lambda_history]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -438,3 +485,14 @@ class PolicyModule(L.LightningModule):
                     "lagrange_multiplier": float(self.dual.value[0]),
                 },
             )
+
+
+def _drop_frozen_models(module: PolicyModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: frozen models reload from their paths, so checkpoints never hold them.
+
+    Dropping them from the module's own ``state_dict`` (not only from a saved checkpoint) keeps them out of sharded
+    (distributed) checkpoints too, whose loader asks the module which keys to read.
+    """
+    frozen = tuple(f"{prefix}{name}." for name in FROZEN)
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]

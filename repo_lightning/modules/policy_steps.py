@@ -57,7 +57,10 @@ def compute_advantages(rollout: Rollout, hp: Mapping, lagrange_multiplier: Tenso
     """KL shaping, GAE on both streams and the algorithm's advantage mix."""
     mask = rollout.response_mask
     kl = (rollout.logprobs - rollout.ref_logprobs) * mask
-    rewards = shape_rewards(rollout.rewards, kl, mask, hp["kl_coef"], hp["score_clip"])
+    scores = rollout.rewards
+    if hp["missing_eos_penalty"] is not None and rollout.finished is not None:
+        scores = scores + hp["missing_eos_penalty"] * (~rollout.finished).to(scores.dtype)
+    rewards = shape_rewards(scores, kl, mask, hp["kl_coef"], hp["score_clip"])
     reward_adv, reward_returns = gae(
         rewards, rollout.reward_values * mask, mask, hp["gamma"], hp["gae_lambda"]
     )

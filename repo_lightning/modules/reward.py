@@ -11,6 +11,8 @@ from torchmetrics.classification import BinaryAccuracy
 from repo_lightning.data.records import PreferenceBatch
 from repo_lightning.models.backbone import DType, load_score_model, load_tokenizer
 from repo_lightning.models.export import export_from_trainer
+from repo_lightning.models.lora import LoRA, apply_lora
+from repo_lightning.models.sharding import Sharding, enable_gradient_checkpointing, shard_models
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import reward_model_loss
@@ -27,6 +29,8 @@ class RewardModule(L.LightningModule):
         trust_remote_code: Allow hub model code.
         attn_implementation: Attention kernel; ``None`` keeps the default.
         gradient_checkpointing: Recompute activations in the backward pass.
+        lora: Train LoRA adapters (and a score head) instead of every weight; ``None`` trains all (needs peft).
+        sharding: FSDP2 layout under ``ModelParallelStrategy`` (ignored by other strategies).
         regularization: Weight of the score-magnitude penalty ``reg * (R_w^2 + R_l^2) / 2``.
         oracle_margin: In ``test`` with ground truth (SafetyWorld), the oracle accuracy counts pairs whose true
             rewards differ by at least this much.
@@ -45,6 +49,8 @@ class RewardModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
+        sharding: Sharding | None = None,
         regularization: float = 0.0,
         oracle_margin: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -56,7 +62,11 @@ class RewardModule(L.LightningModule):
         self.optimizer = optimizer
         self.model = None
         self.tokenizer = None
-        self.accuracy = nn.ModuleDict({s: BinaryAccuracy() for s in ("train_", "val_", "test_")})
+        # Training metrics are synced on every step so each rank logs the global value (validation and test
+        # metrics are synced when computed at the epoch end).
+        self.accuracy = nn.ModuleDict(
+            {s: BinaryAccuracy(dist_sync_on_step=s == "train_") for s in ("train_", "val_", "test_")}
+        )
         self.oracle_accuracy = BinaryAccuracy()
 
     def configure_model(self) -> None:
@@ -75,8 +85,11 @@ class RewardModule(L.LightningModule):
             hp.trust_remote_code,
             hp.attn_implementation,
         )
+        if hp.lora is not None:
+            apply_lora(self.model, hp.lora)
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(self.model)
+        shard_models(self, [self.model], sharding=hp.sharding)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Rewards of both responses of each pair, ``[B, 2]``."""
@@ -88,11 +101,11 @@ class RewardModule(L.LightningModule):
         loss, stats = reward_model_loss(better, worse, self.hparams.regularization)
         metric = self.accuracy[f"{split}_"]
         metric((better > worse).long(), torch.ones_like(better, dtype=torch.long))
-        size, sync = batch.num_pairs, split != "train"
-        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=size)
+        size = batch.num_pairs
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log(f"{split}/accuracy", metric, prog_bar=True, batch_size=size)
-        self.log(f"{split}/reward_mean", scores.mean(), sync_dist=sync, batch_size=size)
-        self.log(f"{split}/margin", stats["margin"], sync_dist=sync, batch_size=size)
+        self.log(f"{split}/reward_mean", scores.mean(), sync_dist=True, batch_size=size)
+        self.log(f"{split}/margin", stats["margin"], sync_dist=True, batch_size=size)
         return loss, scores
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
@@ -117,7 +130,8 @@ class RewardModule(L.LightningModule):
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""
-        return optimizer_with_warmup(self.optimizer, self.model.parameters(), self.hparams.warmup_steps)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        return optimizer_with_warmup(self.optimizer, trained, self.hparams.warmup_steps)
 
     def on_fit_end(self) -> None:
         """Write the reward model and tokenizer in Hugging Face layout."""

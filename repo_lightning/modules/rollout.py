@@ -31,6 +31,7 @@ class Rollout:
         cost_values: ``[N, T]`` cost critic values ``V_C``, or ``None`` without a cost critic.
         rewards: ``[N]`` reward model scores ``R(x, y)``.
         costs: ``[N]`` cost model scores ``C(x, y)``, or ``None`` without a cost model.
+        finished: ``[N]`` bool, whether the response ended with eos (not cut at ``max_new_tokens``).
         prompts: ``N`` raw prompts (each repeated ``k`` times, consecutively).
         responses: ``N`` decoded responses.
         meta: ``N`` per-prompt extra fields.
@@ -46,6 +47,7 @@ class Rollout:
     cost_values: Tensor | None
     rewards: Tensor
     costs: Tensor | None
+    finished: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
@@ -79,6 +81,7 @@ def sample_responses(
     top_k: int,
     eos_token_id: int,
     pad_token_id: int,
+    synced_gpus: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample one response per (already repeated) prompt row with ``generate`` and its KV cache.
 
@@ -92,6 +95,8 @@ def sample_responses(
         top_k: Top-k cutoff (0 disables).
         eos_token_id: Stop token.
         pad_token_id: Filler after a finished response.
+        synced_gpus: Keep stepping until every rank has finished (required when the actor is sharded: each step
+            is a collective all-gather of its weights).
 
     Returns:
         ``(sequences [N, P + T], attention_mask [N, P + T], response_mask [N, T])``.
@@ -106,6 +111,7 @@ def sample_responses(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         use_cache=True,
+        synced_gpus=synced_gpus,
         **(sampling if temperature > 0 else {"do_sample": False}),
     )
     actor.train(was_training)

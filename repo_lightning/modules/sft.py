@@ -11,6 +11,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from repo_lightning.data.records import SFTBatch
 from repo_lightning.models.backbone import DType, load_causal_lm, load_tokenizer
 from repo_lightning.models.export import export_from_trainer
+from repo_lightning.models.lora import LoRA, apply_lora
+from repo_lightning.models.sharding import Sharding, enable_gradient_checkpointing, shard_models
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.rl.losses import sft_loss
 
@@ -26,6 +28,8 @@ class SFTModule(L.LightningModule):
         trust_remote_code: Allow hub model code.
         attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); ``None``: default.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        lora: Train LoRA adapters (and a score head) instead of every weight; ``None`` trains all (needs peft).
+        sharding: FSDP2 layout under ``ModelParallelStrategy`` (ignored by other strategies).
         optimizer: Optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-3}}``.
         warmup_steps: Linear learning-rate warm-up steps.
         export_dir: Where the model and tokenizer are written in Hugging Face layout at the end of ``fit``.
@@ -40,6 +44,8 @@ class SFTModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
+        sharding: Sharding | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         export_dir: str | None = None,
@@ -66,8 +72,11 @@ class SFTModule(L.LightningModule):
             hp.trust_remote_code,
             hp.attn_implementation,
         )
+        if hp.lora is not None:
+            apply_lora(self.model, hp.lora)
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(self.model)
+        shard_models(self, [self.model], sharding=hp.sharding)
 
     def forward(self, batch: SFTBatch) -> torch.Tensor:
         """Logits ``[B, L, V]``."""
@@ -78,7 +87,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
         """One SFT step."""
         loss = sft_loss(self(batch), batch.labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch.input_ids.shape[0])
         return loss
 
     def validation_step(self, batch: SFTBatch, batch_idx: int) -> None:
@@ -90,7 +99,8 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""
-        return optimizer_with_warmup(self.optimizer, self.model.parameters(), self.hparams.warmup_steps)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        return optimizer_with_warmup(self.optimizer, trained, self.hparams.warmup_steps)
 
     def on_fit_end(self) -> None:
         """Write the fine-tuned model and tokenizer in Hugging Face layout."""
