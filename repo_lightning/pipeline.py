@@ -106,8 +106,8 @@ class Pipeline:
         log_file = self.root / "logs" / f"{name}.log" if self.quiet else None
         self.timings[name] = run_cli(args, log_file)
 
-    def train_models(self) -> None:
-        """SFT, reward and cost stages, each followed by its held-out test."""
+    def train_models(self, test: bool = True) -> None:
+        """SFT, reward and cost stages; with ``test``, the reward and cost models are tested on held-out pairs."""
         for stage, init in (("sft", None), ("reward", "sft"), ("cost", "sft")):
             config = str(self.config_dir / f"{stage}.yaml")
             args = [
@@ -119,10 +119,10 @@ class Pipeline:
             if init is not None:
                 args.append(f"--model.init_args.model_name_or_path={self.export(init)}")
             self._run(f"fit_{stage}", ["fit", *args])
-            if stage != "sft":
-                test = ["--config", config, *self._common(stage, f"{stage}_test")]
-                test.append(f"--model.init_args.model_name_or_path={self.export(stage)}")
-                self._run(f"test_{stage}", ["test", *test])
+            if test and stage != "sft":
+                args = ["--config", config, *self._common(stage, f"{stage}_test")]
+                args.append(f"--model.init_args.model_name_or_path={self.export(stage)}")
+                self._run(f"test_{stage}", ["test", *args])
 
     def _policy_args(self, algorithm: str, run_name: str, extra: list[str] | None = None) -> list[str]:
         return [
@@ -173,11 +173,34 @@ class Pipeline:
         self.fit_policy(algorithm, name, extra)
         return self.evaluate_policy(algorithm, name, extra)
 
+    def score_model_tests(self) -> dict[str, dict[str, float]]:
+        """The held-out ``test/...`` figures of the reward and cost models, read back from their TensorBoard runs."""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        found: dict[str, dict[str, float]] = {}
+        for stage in ("reward", "cost"):
+            for events in sorted((self.root / "logs" / f"{stage}_test").rglob("events.out.tfevents.*")):
+                accumulator = EventAccumulator(str(events))
+                accumulator.Reload()
+                for tag in accumulator.Tags()["scalars"]:
+                    if tag.startswith("test/"):
+                        found.setdefault(stage, {})[tag] = accumulator.Scalars(tag)[-1].value
+        return found
+
     def summary(self, evaluations: dict[str, Path]) -> str:
         """Side-by-side table of the evaluations, also written to ``summary.md`` and ``summary.json``."""
         metrics = {name: json.loads((path / "metrics.json").read_text()) for name, path in evaluations.items()}
         keys = [k for k in SUMMARY_KEYS if any(k in m for m in metrics.values())]
         table = format_table(metrics, keys)
+        scorers = self.score_model_tests()
+        if scorers:
+            lines = [
+                f"- {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.items())) for stage, m in scorers.items()
+            ]
+            table += (
+                "\n\nReward and cost models on held-out pairs (`oracle_*`: against the ground truth):\n"
+                + "\n".join(lines)
+            )
         timing = "\n".join(f"- {name}: {seconds:.1f} s" for name, seconds in self.timings.items())
         reports = "\n".join(f"- {name}: {path / 'report.md'}" for name, path in evaluations.items())
         text = (
@@ -185,7 +208,9 @@ class Pipeline:
             f"are the learned models' judgement.\n\n{table}\n\n## Reports\n{reports}\n\n## Wall time\n{timing}\n"
         )
         (self.root / "summary.md").write_text(text)
-        (self.root / "summary.json").write_text(json.dumps({"metrics": metrics, "timings": self.timings}, indent=2))
+        (self.root / "summary.json").write_text(
+            json.dumps({"metrics": metrics, "score_models": scorers, "timings": self.timings}, indent=2)
+        )
         return text
 
 

@@ -10,10 +10,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from repo_lightning.data.records import PreferenceBatch
-from repo_lightning.models.backbone import DType, load_score_model, load_tokenizer
+from repo_lightning.models.backbone import DType, load_score_model
 from repo_lightning.models.export import export_from_trainer
-from repo_lightning.models.lora import LoRA, apply_lora
-from repo_lightning.models.sharding import Sharding, enable_gradient_checkpointing, shard_models
+from repo_lightning.models.lora import LoRA
+from repo_lightning.models.sharding import Sharding
+from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import cost_model_loss
@@ -80,23 +81,7 @@ class CostModule(L.LightningModule):
         """Build the score model once, before sharding and optimizer creation."""
         if self.model is not None:
             return
-        hp = self.hparams
-        if hp.tokenizer_path is None:
-            raise ValueError("model.tokenizer_path is not set (the CLI links it from data.tokenizer)")
-        self.tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
-        self.model = load_score_model(
-            self.tokenizer,
-            hp.model_name_or_path,
-            hp.model_config,
-            hp.dtype,
-            hp.trust_remote_code,
-            hp.attn_implementation,
-        )
-        if hp.lora is not None:
-            apply_lora(self.model, hp.lora)
-        if hp.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        shard_models(self, [self.model], sharding=hp.sharding)
+        self.tokenizer, self.model = build_stage_model(self, load_score_model)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Costs of both responses of each pair, ``[B, 2]``."""
@@ -152,6 +137,4 @@ class CostModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Write the cost model and tokenizer in Hugging Face layout."""
         if self.hparams.export_dir:
-            export_from_trainer(
-                self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "cost"}
-            )
+            export_from_trainer(self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "cost"})

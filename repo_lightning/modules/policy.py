@@ -24,15 +24,15 @@ from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.evaluation import PromptResult, summarize, write_report
 from repo_lightning.models.backbone import DType, freeze, load_causal_lm, load_score_model, load_tokenizer
 from repo_lightning.models.export import export_from_trainer
-from repo_lightning.models.lora import LoRA, apply_lora
+from repo_lightning.models.lora import LoRA
 from repo_lightning.models.scorer import Scorer, decode_responses, same_tokenizer, score_samples
 from repo_lightning.models.sharding import (
     Sharding,
     as_sharding,
-    enable_gradient_checkpointing,
     move_offloaded_to_cpu,
     shard_models,
 )
+from repo_lightning.modules.model_setup import prepare_trained_model
 from repo_lightning.modules.policy_steps import (
     Advantages,
     compute_advantages,
@@ -183,9 +183,7 @@ class PolicyModule(L.LightningModule):
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
         if rectify == "prompt" and samples_per_prompt < 2:
-            raise ValueError(
-                "model.rectify: prompt averages the k samples of a prompt; set samples_per_prompt >= 2"
-            )
+            raise ValueError("model.rectify: prompt averages the k samples of a prompt; set samples_per_prompt >= 2")
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are reloaded from their paths, not stored in checkpoints
@@ -244,13 +242,7 @@ class PolicyModule(L.LightningModule):
 
     def _trained(self, model):
         """LoRA and activation checkpointing if configured, then sharding (``ModelParallelStrategy`` only)."""
-        hp = self.hparams
-        if hp.lora is not None:
-            apply_lora(model, hp.lora)
-        if hp.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        shard_models(self, [model], sharding=hp.sharding)
-        return model
+        return prepare_trained_model(self, model, self.hparams)
 
     def _frozen(self, model):
         """Frozen, then sharded, offloaded or replicated as ``sharding`` says (``ModelParallelStrategy`` only)."""

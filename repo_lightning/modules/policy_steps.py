@@ -61,9 +61,7 @@ def compute_advantages(rollout: Rollout, hp: Mapping, lagrange_multiplier: Tenso
     if hp["missing_eos_penalty"] is not None and rollout.finished is not None:
         scores = scores + hp["missing_eos_penalty"] * (~rollout.finished).to(scores.dtype)
     rewards = shape_rewards(scores, kl, mask, hp["kl_coef"], hp["score_clip"])
-    reward_adv, reward_returns = gae(
-        rewards, rollout.reward_values * mask, mask, hp["gamma"], hp["gae_lambda"]
-    )
+    reward_adv, reward_returns = gae(rewards, rollout.reward_values * mask, mask, hp["gamma"], hp["gae_lambda"])
     cost_adv = cost_returns = cost_signal = unsafe = None
     if hp["algorithm"] != "ppo":
         if hp["algorithm"] == "repo":
@@ -72,9 +70,7 @@ def compute_advantages(rollout: Rollout, hp: Mapping, lagrange_multiplier: Tenso
             cost_signal = rollout.costs
         shaped = shape_rewards(cost_signal, kl, mask, -cost_kl_coef(hp), hp["score_clip"])
         cost_adv, cost_returns = gae(shaped, rollout.cost_values * mask, mask, hp["gamma"], hp["gae_lambda"])
-    advantages = combine_advantages(
-        reward_adv, cost_adv, lagrange_multiplier, unsafe, hp["normalize_advantage_mix"]
-    )
+    advantages = combine_advantages(reward_adv, cost_adv, lagrange_multiplier, unsafe, hp["normalize_advantage_mix"])
     if hp["whiten_advantages"]:
         advantages = whiten(advantages, mask)
     return Advantages(advantages, reward_returns, cost_returns, kl, cost_signal, unsafe)
@@ -127,9 +123,7 @@ def ppo_update(module, rollout: Rollout, targets: Advantages) -> dict[str, Tenso
             optimizer.zero_grad()
             module.manual_backward(loss)
             if hp.max_grad_norm is not None:
-                module.clip_gradients(
-                    optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
-                )
+                module.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -168,9 +162,7 @@ def iteration_metrics(
         metrics["unsafe_frac"] = (costs > 0).float().mean()
         metrics["unsafe_prompt_frac"] = (costs > 0).view(-1, k).any(1).float().mean()
     if oracle is not None:
-        true_costs = torch.tensor(
-            [oracle.harm(p, r) for p, r in zip(rollout.prompts, rollout.responses, strict=True)]
-        )
+        true_costs = torch.tensor([oracle.harm(p, r) for p, r in zip(rollout.prompts, rollout.responses, strict=True)])
         true_rewards = torch.tensor(
             [oracle.helpfulness(p, r) for p, r in zip(rollout.prompts, rollout.responses, strict=True)]
         )
@@ -189,9 +181,7 @@ def prompt_results(rollout: Rollout, batch: PromptBatch, k: int, oracle=None) ->
     lengths = mask.sum(1).long().view(-1, k).tolist()
     rewards = rollout.rewards.float().view(-1, k).tolist()
     costs = (
-        rollout.costs.float().view(-1, k).tolist()
-        if rollout.costs is not None
-        else [[0.0] * k] * len(batch.prompts)
+        rollout.costs.float().view(-1, k).tolist() if rollout.costs is not None else [[0.0] * k] * len(batch.prompts)
     )
     results = []
     for i, prompt in enumerate(batch.prompts):

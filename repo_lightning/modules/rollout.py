@@ -126,9 +126,7 @@ def sample_responses(
     return sequences, torch.cat([attention_mask, response_mask], dim=1), response_mask
 
 
-def response_logits(
-    model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int
-) -> Tensor:
+def response_logits(model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
     """Logits that predict each response token: ``[N, L]`` -> ``[N, T, V]`` (only those positions are computed)."""
     response_width = sequences.shape[1] - prompt_length
     logits = model(
@@ -141,17 +139,13 @@ def response_logits(
     return logits[:, :-1]
 
 
-def response_logprobs(
-    model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int
-) -> Tensor:
+def response_logprobs(model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
     """Log-probabilities of the response tokens: ``[N, L]`` -> ``[N, T]`` float32."""
     logits = response_logits(model, sequences, attention_mask, prompt_length)
     return logprobs_from_logits(logits, sequences[:, prompt_length:])
 
 
-def response_values(
-    critic: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int
-) -> Tensor:
+def response_values(critic: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
     """Critic values of the state before each response token: ``[N, L]`` -> ``[N, T]`` float32."""
     values = token_scores(critic, sequences, attention_mask)
     return values[:, prompt_length - 1 : -1]

@@ -9,10 +9,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from repo_lightning.data.records import SFTBatch
-from repo_lightning.models.backbone import DType, load_causal_lm, load_tokenizer
+from repo_lightning.models.backbone import DType, load_causal_lm
 from repo_lightning.models.export import export_from_trainer
-from repo_lightning.models.lora import LoRA, apply_lora
-from repo_lightning.models.sharding import Sharding, enable_gradient_checkpointing, shard_models
+from repo_lightning.models.lora import LoRA
+from repo_lightning.models.sharding import Sharding
+from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.rl.losses import sft_loss
 
@@ -60,29 +61,11 @@ class SFTModule(L.LightningModule):
         """Build the model (called by the Trainer, once, before sharding or optimizer creation)."""
         if self.model is not None:
             return
-        hp = self.hparams
-        if hp.tokenizer_path is None:
-            raise ValueError("model.tokenizer_path is not set (the CLI links it from data.tokenizer)")
-        self.tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
-        self.model = load_causal_lm(
-            self.tokenizer,
-            hp.model_name_or_path,
-            hp.model_config,
-            hp.dtype,
-            hp.trust_remote_code,
-            hp.attn_implementation,
-        )
-        if hp.lora is not None:
-            apply_lora(self.model, hp.lora)
-        if hp.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        shard_models(self, [self.model], sharding=hp.sharding)
+        self.tokenizer, self.model = build_stage_model(self, load_causal_lm)
 
     def forward(self, batch: SFTBatch) -> torch.Tensor:
         """Logits ``[B, L, V]``."""
-        return self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
         """One SFT step."""
@@ -105,6 +88,4 @@ class SFTModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Write the fine-tuned model and tokenizer in Hugging Face layout."""
         if self.hparams.export_dir:
-            export_from_trainer(
-                self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "sft"}
-            )
+            export_from_trainer(self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "sft"})
