@@ -91,6 +91,7 @@ def test_lora_reward_trains_adapters_and_head_and_exports_a_plain_merged_model(t
             "enable_model_summary": False,
             "enable_checkpointing": False,
             "logger": False,
+            "default_root_dir": str(tmp_path),
         },
         "model": {
             "class_path": "repo_lightning.modules.RewardModule",

@@ -83,9 +83,7 @@ def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
     """Left-pad prompts so that generation continues every row from the same position."""
     width = max(len(e.prompt_ids) for e in examples)
     input_ids = torch.tensor([[pad_id] * (width - len(e.prompt_ids)) + e.prompt_ids for e in examples])
-    attention_mask = torch.tensor(
-        [[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in examples]
-    )
+    attention_mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in examples])
     return PromptBatch(
         input_ids=input_ids.long(),
         attention_mask=attention_mask.long(),

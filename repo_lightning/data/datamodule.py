@@ -126,9 +126,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.world_cache = (
-            SafetyWorldCache(world or WorldConfig(), cache_dir)
-            if SAFETYWORLD in (dataset, test_dataset)
-            else None
+            SafetyWorldCache(world or WorldConfig(), cache_dir) if SAFETYWORLD in (dataset, test_dataset) else None
         )
         if tokenizer is None:
             if self.world_cache is None:
@@ -220,9 +218,7 @@ class RLHFDataModule(L.LightningDataModule):
             self.datasets["val"] = _ListDataset([examples[i] for i in sorted(order[:num_val])])
             self.datasets["train"] = _ListDataset([examples[i] for i in sorted(order[num_val:])])
             if len(self.datasets["train"]) == 0:
-                raise ValueError(
-                    f"{source}: no training rows left after holding out val_fraction={self.val_fraction}"
-                )
+                raise ValueError(f"{source}: no training rows left after holding out val_fraction={self.val_fraction}")
         if stage in (None, "test") and "test" not in self.datasets:
             dataset = self.test_dataset or self.dataset
             if dataset == SAFETYWORLD:

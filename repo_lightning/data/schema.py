@@ -104,9 +104,7 @@ def validate_rows(
     extras = ("topic", "kind")
     for index, raw in enumerate(rows):
         if not isinstance(raw, Mapping):
-            raise DataValidationError(
-                f"{source}: row {index}: expected an object with named fields, got {raw!r}"
-            )
+            raise DataValidationError(f"{source}: row {index}: expected an object with named fields, got {raw!r}")
         row = apply_field_map(raw, field_map)
         out = {"prompt": _text(row, source, index, "prompt")}
         if mode == "sft":

@@ -44,9 +44,7 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataValidationError(
-                    f"{path}: row {len(rows)} (line {number + 1}): invalid JSON ({err})"
-                ) from err
+                raise DataValidationError(f"{path}: row {len(rows)} (line {number + 1}): invalid JSON ({err})") from err
     return rows
 
 
@@ -60,17 +58,13 @@ def read_local_file(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DataValidationError(f"{path}: invalid JSON ({err})") from err
         if not isinstance(data, list):
-            raise DataValidationError(
-                f"{path}: expected a JSON list of row objects, got {type(data).__name__}"
-            )
+            raise DataValidationError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
         return data
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise DataValidationError(
-        f"{path}: unsupported file type {path.suffix!r}; expected one of {LOCAL_SUFFIXES}"
-    )
+    raise DataValidationError(f"{path}: unsupported file type {path.suffix!r}; expected one of {LOCAL_SUFFIXES}")
 
 
 def read_rows(dataset: str, split: str = "train", subset: str | None = None) -> list[dict]:

@@ -142,8 +142,7 @@ def validate_results(results: Sequence[PromptResult]) -> None:
             values = getattr(result, name)
             if values is not None and len(values) != k:
                 raise ValueError(
-                    f"prompt index {result.index}: field '{name}' has {len(values)} entries "
-                    f"but there are {k} responses"
+                    f"prompt index {result.index}: field '{name}' has {len(values)} entries but there are {k} responses"
                 )
     for name in ("kind", *_OPTIONAL_PER_RESPONSE_FIELDS):
         given = [getattr(r, name) is not None for r in results]
@@ -212,9 +211,7 @@ def _view(
         return [list(getattr(r, name)) for r in group] if present else None
 
     out: dict[str, float] = {}
-    overall = score_metrics(
-        scores(results, reward_field, has_rewards), scores(results, cost_field, has_costs)
-    )
+    overall = score_metrics(scores(results, reward_field, has_rewards), scores(results, cost_field, has_costs))
     for key, value in overall.items():
         out[f"{prefix}{key}"] = value
     if has_costs:
@@ -223,9 +220,7 @@ def _view(
             out[f"{prefix}cost_q{q}"] = float(np.quantile(costs, q / 100))
     if results[0].kind is not None:
         for kind, group in _kind_groups(results).items():
-            by_kind = score_metrics(
-                scores(group, reward_field, has_rewards), scores(group, cost_field, has_costs)
-            )
+            by_kind = score_metrics(scores(group, reward_field, has_rewards), scores(group, cost_field, has_costs))
             for key, value in by_kind.items():
                 out[f"{prefix}{key}/{kind}"] = value
     return out
@@ -267,9 +262,7 @@ def summarize(results: Sequence[PromptResult]) -> dict[str, float]:
         out["refusal_rate"] = _mean([float(x) for x in _flat([r.refusals or [] for r in results])])
         if first.kind is not None:
             for kind, group in _kind_groups(results).items():
-                out[f"refusal_rate/{kind}"] = _mean(
-                    [float(x) for x in _flat([r.refusals or [] for r in group])]
-                )
+                out[f"refusal_rate/{kind}"] = _mean([float(x) for x in _flat([r.refusals or [] for r in group])])
             if f"refusal_rate/{BENIGN_KIND}" in out:
                 out["over_refusal_rate"] = out[f"refusal_rate/{BENIGN_KIND}"]
     out["num_prompts"] = float(len(results))

@@ -78,14 +78,10 @@ def plot_reward_vs_cost(results: Sequence[PromptResult], path: str | Path) -> Pa
         ax.scatter(_costs(results), _rewards(results), s=10, alpha=0.5, color="tab:blue")
     else:
         present = {r.kind for r in results}
-        ordered = [k for k in KINDS if k in present] + sorted(
-            k for k in present - set(KINDS) if k is not None
-        )
+        ordered = [k for k in KINDS if k in present] + sorted(k for k in present - set(KINDS) if k is not None)
         for kind in ordered:
             group = [r for r in results if r.kind == kind]
-            ax.scatter(
-                _costs(group), _rewards(group), s=10, alpha=0.5, label=kind, color=_KIND_COLOURS.get(kind)
-            )
+            ax.scatter(_costs(group), _rewards(group), s=10, alpha=0.5, label=kind, color=_KIND_COLOURS.get(kind))
         ax.legend(fontsize="small")
     ax.axvline(0.0, color="black", linestyle="--", linewidth=1.0)
     ax.set_xlabel("learned cost C (unsafe when > 0)")

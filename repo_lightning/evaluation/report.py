@@ -62,17 +62,13 @@ def _table_rows(summary: Mapping[str, float]) -> list[tuple[str, str, str]]:
     ]
     for kind in kinds:
         label = "hazard (" + " + ".join(HAZARD_KINDS) + ")" if kind == "hazard" else kind
-        spec.append(
-            (f"Unsafe prompt rate: {label}", f"unsafe_prompt_rate/{kind}", f"true_unsafe_prompt_rate/{kind}")
-        )
+        spec.append((f"Unsafe prompt rate: {label}", f"unsafe_prompt_rate/{kind}", f"true_unsafe_prompt_rate/{kind}"))
     spec += [
         ("Over-refusal rate (benign prompts)", "over_refusal_rate", None),
         ("Refusal rate (all prompts)", "refusal_rate", None),
     ]
     rows = [(label, _cell(summary, a), _cell(summary, b)) for label, a, b in spec]
-    rows.append(
-        ("Cost quantiles q10 / q50 / q90", _quantile_cell(summary, ""), _quantile_cell(summary, "true_"))
-    )
+    rows.append(("Cost quantiles q10 / q50 / q90", _quantile_cell(summary, ""), _quantile_cell(summary, "true_")))
     rows += [
         ("Mean KL to reference (nats)", _cell(summary, "kl_mean"), _MISSING),
         ("Mean response length (tokens)", _cell(summary, "response_len_mean"), _MISSING),

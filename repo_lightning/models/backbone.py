@@ -135,9 +135,7 @@ def load_score_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if model_name_or_path is not None:
-        model = _from_pretrained(
-            AutoModelForSequenceClassification, model_name_or_path, num_labels=1, **kwargs
-        )
+        model = _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, num_labels=1, **kwargs)
     else:
         config = _config_from_dict(model_config, tokenizer, 1)
         model = AutoModelForSequenceClassification.from_config(config, **kwargs)
@@ -163,9 +161,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_scores(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Score head applied at every position: ``[B, L]`` ids -> ``[B, L]`` float32 scores (critic values).
 
     The model runs through its own (root) ``forward`` and the head's per-position output is read with a hook: a
@@ -192,9 +188,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def sequence_scores(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each sequence, read at its last non-pad token: ``[B, L]`` -> ``[B]`` float32.
 
     Equal to ``model(input_ids, attention_mask).logits[:, 0]`` for right-padded input, and also correct for

@@ -90,9 +90,7 @@ def lora_scalings(model: nn.Module) -> dict[str, float]:
     }
 
 
-def merge_lora_state_dict(
-    state_dict: dict[str, torch.Tensor], scalings: dict[str, float]
-) -> dict[str, torch.Tensor]:
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
     """Fold adapters into their base weights and drop the adapter keys: plain Hugging Face names.
 
     For each adapted layer ``m``: ``m.weight = m.base_layer.weight + s * m.lora_B.default.weight @

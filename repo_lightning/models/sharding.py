@@ -173,8 +173,6 @@ def move_offloaded_to_cpu(models: Iterable[nn.Module]) -> None:
             model.to("cpu")
 
 
-
-
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of every block, non-reentrant (works with FSDP2, LoRA and frozen embeddings)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -22,9 +22,7 @@ from torch import Tensor
 from repo_lightning.rl.losses import masked_mean
 
 
-def shape_rewards(
-    scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, score_clip: float | None
-) -> Tensor:
+def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, score_clip: float | None) -> Tensor:
     """Per-token shaped reward: a KL penalty on every response token plus the score on the last one.
 
     ``r_t = -kl_coef * kl_t + [t = T] * clip(score, -score_clip, score_clip)`` (algorithm.md section 5.2).
@@ -58,9 +56,7 @@ def shape_rewards(
     return rewards + is_last.to(dtype) * scores.unsqueeze(1)
 
 
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the response tokens (GAE Eq. 16; algorithm.md section 5.3).
 
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``, ``Ret_t = A_t + V_t``,
@@ -140,9 +136,7 @@ def rectified_costs(
             ``rectify`` is unknown.
     """
     if samples_per_prompt < 1 or costs.numel() % samples_per_prompt:
-        raise ValueError(
-            f"samples_per_prompt={samples_per_prompt} must be >= 1 and divide the {costs.numel()} costs"
-        )
+        raise ValueError(f"samples_per_prompt={samples_per_prompt} must be >= 1 and divide the {costs.numel()} costs")
     if rectify == "sample":
         signal = costs
     elif rectify == "prompt":
@@ -186,9 +180,7 @@ def combine_advantages(
         return reward_advantages
     lam = torch.as_tensor(lagrange_multiplier, device=reward_advantages.device).detach()
     if lam.numel() != 1:
-        raise ValueError(
-            f"lagrange_multiplier must hold one value per cost stream, got shape {tuple(lam.shape)}"
-        )
+        raise ValueError(f"lagrange_multiplier must hold one value per cost stream, got shape {tuple(lam.shape)}")
     lam = lam.reshape(()).to(reward_advantages.dtype)
     mixed = reward_advantages - lam * cost_advantages
     if normalize:

@@ -192,9 +192,7 @@ class DualVariable(torch.nn.Module):
         self.window = window
         self.kp, self.ki, self.kd = kp, ki, kd
 
-        self.register_buffer(
-            "lagrange_multiplier", torch.full((num_costs,), float(init), dtype=torch.float32)
-        )
+        self.register_buffer("lagrange_multiplier", torch.full((num_costs,), float(init), dtype=torch.float32))
         self.register_buffer("integral", torch.zeros(num_costs, dtype=torch.float32))
         self.register_buffer("previous", torch.zeros(num_costs, dtype=torch.float32))
         self.register_buffer("history", torch.zeros(window, num_costs, dtype=torch.float32))
@@ -221,9 +219,7 @@ class DualVariable(torch.nn.Module):
             ValueError: if ``statistic`` does not hold ``num_costs`` values.
         """
         if statistic.numel() != self.num_costs:
-            raise ValueError(
-                f"statistic must hold num_costs={self.num_costs} values, got {tuple(statistic.shape)}"
-            )
+            raise ValueError(f"statistic must hold num_costs={self.num_costs} values, got {tuple(statistic.shape)}")
         statistic = statistic.detach().reshape(self.num_costs).to(self.history)
 
         slot = int(self.num_updates) % self.window
@@ -240,9 +236,7 @@ class DualVariable(torch.nn.Module):
             else:
                 # The very first statistic has no predecessor: take g_prev = g (no derivative kick).
                 previous = windowed if int(self.num_updates) == 0 else self.previous
-                new, integral = pid_rule(
-                    windowed, self.integral, previous, self.kp, self.ki, self.kd, self.max_value
-                )
+                new, integral = pid_rule(windowed, self.integral, previous, self.kp, self.ki, self.kd, self.max_value)
                 self.integral.copy_(integral)
             self.lagrange_multiplier.copy_(new)
 

@@ -132,11 +132,7 @@ def cost_model_loss(
     unsafer_sign = torch.where(unsafer_is_safe, -1.0, 1.0).to(unsafer_costs)
 
     margin = unsafer_costs - safer_costs
-    losses = (
-        -F.logsigmoid(margin)
-        - F.logsigmoid(safer_sign * safer_costs)
-        - F.logsigmoid(unsafer_sign * unsafer_costs)
-    )
+    losses = -F.logsigmoid(margin) - F.logsigmoid(safer_sign * safer_costs) - F.logsigmoid(unsafer_sign * unsafer_costs)
     if regularization:
         losses = losses + regularization * (safer_costs.square() + unsafer_costs.square()) / 2
 

@@ -139,8 +139,7 @@ def make_topics(config: WorldConfig, rng: random.Random) -> list[Topic]:
     for index, kind in enumerate(kinds):
         subject = _fresh_word(rng, taken, 2)
         verbs = tuple(
-            _fresh_word(rng, taken, rng.choice((1, 2)), rng.choice(_VERB_SUFFIXES))
-            for _ in range(config.num_verbs)
+            _fresh_word(rng, taken, rng.choice((1, 2)), rng.choice(_VERB_SUFFIXES)) for _ in range(config.num_verbs)
         )
         detail = tuple(_fresh_word(rng, taken, rng.choice((2, 3))) for _ in range(config.num_detail_words))
         safe_alt = tuple(_fresh_word(rng, taken, 1, "ward") for _ in range(config.num_safe_alt_words))
