@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m repo_lightning.pipeline --out lightning_logs/demo
+	$(PY) -m repo_lightning.pipeline --root lightning_logs/demo
 
 test: install
 	$(PY) -m pytest -q
