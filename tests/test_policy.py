@@ -377,3 +377,18 @@ def test_cross_tokenizer_training_step(tmp_path, tiny_exports, tiny_world_config
     # critic_init: actor -- the critics carry the actor's backbone (policy vocabulary), not the foreign reward model's.
     assert module.reward_critic.config.vocab_size == sft.config.vocab_size
     assert "train/reward_mean" in _scalars(cli.trainer.logger.log_dir)
+
+
+def test_trained_policy_exports_a_causal_lm_that_generates(tmp_path, tiny_exports, tiny_world_config):
+    export = tmp_path / "policy_export"
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model={"export_dir": str(export)}))
+    loaded = AutoModelForCausalLM.from_pretrained(export).eval()
+    # The export holds the trained actor's weights (not the SFT start) ...
+    _assert_all_equal(cli.model.actor, loaded)
+    assert _any_changed(loaded, AutoModelForCausalLM.from_pretrained(tiny_exports["sft"]))
+    # ... with its tokenizer, and generates.
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = torch.tensor([[tokenizer.bos_token_id]])
+    out = loaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape == (1, 4)
+    assert json.loads((export / "repo_lightning.json").read_text())["algorithm"] == "repo"
