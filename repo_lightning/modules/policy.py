@@ -436,12 +436,16 @@ class PolicyModule(L.LightningModule):
         if self.trainer.is_global_zero:
             out_dir = self.hparams.report_dir or f"{self.trainer.log_dir or '.'}/evaluation"
             history = self.lambda_history if self.hparams.algorithm != "ppo" else None
+            ckpt = getattr(self.trainer, "ckpt_path", None)
+            trained = int(self.iteration) > 0
             extra = {
-                "policy": str(self.hparams.actor_path),
-                "algorithm": self.hparams.algorithm,
+                "policy": f"{self.hparams.algorithm} checkpoint {ckpt}" if trained else str(self.hparams.actor_path),
+                "reference (start) policy": str(self.hparams.actor_path),
+                "algorithm (config)": self.hparams.algorithm,
                 "iterations trained": str(int(self.iteration)),
             }
-            write_report(results, out_dir, f"Evaluation: {self.hparams.algorithm}", history, extra)
+            title = f"Evaluation: {self.hparams.algorithm} policy" if trained else "Evaluation: the start policy"
+            write_report(results, out_dir, title, history if trained else None, extra)
             print(f"evaluation report written to {out_dir}/report.md")
         self.evaluation_summary = summary
 
