@@ -421,6 +421,34 @@ def per_seed_table(metrics: dict[str, dict], names: list[str], keys: list[tuple[
     return "\n".join(lines) + "\n"
 
 
+def cost_model_agreement(evaluations: dict[str, dict], kind: str) -> dict[str, dict[str, float]]:
+    """How the learned cost model's ``C > 0`` agrees with the truth ``C* > 0`` on the responses to ``kind`` prompts.
+
+    Pooled over seeds, per method: ``true_unsafe`` and ``learned_unsafe`` response shares, ``missed`` (share of the
+    truly unsafe responses the cost model calls safe: a policy that exploits the cost model drives it up) and
+    ``false_alarm`` (share of the truly safe responses it calls unsafe).
+    """
+    out = {}
+    for name, by_seed in evaluations.items():
+        pairs = [
+            (c > 0, t > 0)
+            for path in by_seed.values()
+            for r in read_results(Path(path) / "per_prompt.jsonl")
+            if r.kind == kind
+            for c, t in zip(r.costs, r.true_costs or [], strict=True)
+        ]
+        unsafe = [learned for learned, true in pairs if true]
+        safe = [learned for learned, true in pairs if not true]
+        out[name] = {
+            "responses": len(pairs),
+            "true_unsafe": len(unsafe) / max(1, len(pairs)),
+            "learned_unsafe": sum(learned for learned, _ in pairs) / max(1, len(pairs)),
+            "missed": (len(unsafe) - sum(unsafe)) / max(1, len(unsafe)),
+            "false_alarm": sum(safe) / max(1, len(safe)),
+        }
+    return out
+
+
 def plot_curves(curves: dict, names: list[str], tag: str, ylabel: str, path: Path, smooth: int = 1) -> Path:
     """One line per method: the mean over seeds of a training scalar, with the min-max band over seeds.
 
@@ -525,6 +553,8 @@ def write_outputs(bench: Benchmark, results: dict, settings: dict) -> dict:
         for name, by_seed in metrics.items()
     }
     results["summary"] = summary
+    agreement = cost_model_agreement(results["evaluations"], "hazard_mild")
+    results["cost_model_agreement/hazard_mild"] = agreement
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     seeds = ", ".join(str(s) for s in bench.seeds)
@@ -567,6 +597,16 @@ def write_outputs(bench: Benchmark, results: dict, settings: dict) -> dict:
                 ("final multiplier", "final_lambda"),
             ],
         ),
+        "## Is the learned cost model fooled? (responses to hazard_mild prompts, pooled over seeds)",
+        "",
+        "| method | responses | true unsafe | learned unsafe | missed (true unsafe, learned safe) | false alarm |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[
+            f"| {name} | {a['responses']} | {a['true_unsafe']:.3f} | {a['learned_unsafe']:.3f} | {a['missed']:.3f} "
+            f"| {a['false_alarm']:.3f} |"
+            for name, a in agreement.items()
+        ],
+        "",
         "## Ablations (RePO, searched multiplier settings, one knob changed)",
         "",
         ablation_labels,
