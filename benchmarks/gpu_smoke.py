@@ -8,7 +8,7 @@ the peak GPU memory of each stage. On one H100 it takes a few minutes.
     python benchmarks/gpu_smoke.py                 # one GPU
     python benchmarks/gpu_smoke.py --tiny          # a tiny model on the CPU (what the test runs)
 
-Generation and training times are measured by wrapping the policy module's ``sample_responses`` and ``ppo_update``
+Generation and training times are measured by wrapping ``rollout.sample_responses`` and ``ppo_update``
 (benchmark instrumentation only); the first step of each stage is left out as warm-up.
 """
 
@@ -28,6 +28,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 import repo_lightning.modules.policy as policy_module
+import repo_lightning.modules.rollout as rollout_module
 from repo_lightning.cli import main
 from repo_lightning.models.backbone import load_causal_lm, load_score_model
 from repo_lightning.safetyworld import World, WorldConfig
@@ -95,7 +96,7 @@ class _StepTimer(Callback):
 
 def _instrument_policy(device: str) -> dict[str, _Timer]:
     timers = {"generation": _Timer(), "training": _Timer()}
-    sample, update = policy_module.sample_responses, policy_module.ppo_update
+    sample, update = rollout_module.sample_responses, policy_module.ppo_update
 
     def timed_sample(*args, **kwargs):
         _sync(device)
@@ -114,7 +115,7 @@ def _instrument_policy(device: str) -> dict[str, _Timer]:
         timers["training"].add(time.perf_counter() - start, tokens)
         return stats
 
-    policy_module.sample_responses, policy_module.ppo_update = timed_sample, timed_update
+    rollout_module.sample_responses, policy_module.ppo_update = timed_sample, timed_update
     return timers
 
 

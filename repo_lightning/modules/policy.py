@@ -21,11 +21,11 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
-from repo_lightning.evaluation import PromptResult, summarize, write_report
+from repo_lightning.evaluation import PromptResult, summarize
 from repo_lightning.models.backbone import DType, freeze, load_causal_lm, load_score_model, load_tokenizer
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
-from repo_lightning.models.scorer import Scorer, decode_responses, same_tokenizer, score_samples
+from repo_lightning.models.scorer import Scorer, same_tokenizer
 from repo_lightning.models.sharding import (
     Sharding,
     as_sharding,
@@ -33,6 +33,7 @@ from repo_lightning.models.sharding import (
     shard_models,
 )
 from repo_lightning.modules.model_setup import prepare_trained_model
+from repo_lightning.modules.policy_evaluation import gather_results, write_policy_report
 from repo_lightning.modules.policy_steps import (
     Advantages,
     compute_advantages,
@@ -41,7 +42,7 @@ from repo_lightning.modules.policy_steps import (
     ppo_update,
     prompt_results,
 )
-from repo_lightning.modules.rollout import Rollout, response_logprobs, response_values, sample_responses
+from repo_lightning.modules.rollout import Rollout, collect_rollout
 from repo_lightning.rl.dual import DualVariable
 
 Algorithm = Literal["ppo", "ppo_lag", "repo"]
@@ -295,53 +296,7 @@ class PolicyModule(L.LightningModule):
         self, batch: PromptBatch, samples_per_prompt: int, temperature: float, with_values: bool = True
     ) -> Rollout:
         """Sample ``k`` responses per prompt and record log-probs, values and scores (algorithm.md 5.1)."""
-        hp, tok = self.hparams, self.tokenizer
-        input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
-        attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
-        sequences, full_mask, response_mask = sample_responses(
-            self.actor,
-            input_ids,
-            attention_mask,
-            hp.max_new_tokens,
-            temperature,
-            hp.top_p,
-            hp.top_k,
-            tok.eos_token_id,
-            tok.pad_token_id,
-            synced_gpus=self._sharded,
-        )
-        prompt_length = input_ids.shape[1]
-        prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
-        meta = [m for m in (batch.meta or [{}] * len(batch.prompts)) for _ in range(samples_per_prompt)]
-        responses = decode_responses(tok, sequences[:, prompt_length:], response_mask)
-        logprobs = response_logprobs(self.actor, sequences, full_mask, prompt_length)
-        ref_logprobs = response_logprobs(self.ref_model, sequences, full_mask, prompt_length)
-        chunk = hp.scoring_batch_size
-        rewards = score_samples(self.reward_scorer, sequences, full_mask, prompts, responses, chunk)
-        costs = None
-        if self.cost_scorer is not None:
-            costs = score_samples(self.cost_scorer, sequences, full_mask, prompts, responses, chunk)
-        reward_values = cost_values = None
-        if with_values:
-            reward_values = response_values(self.reward_critic, sequences, full_mask, prompt_length)
-            if self.cost_critic is not None:
-                cost_values = response_values(self.cost_critic, sequences, full_mask, prompt_length)
-        return Rollout(
-            sequences,
-            full_mask,
-            response_mask.float(),
-            prompt_length,
-            logprobs,
-            ref_logprobs,
-            reward_values,
-            cost_values,
-            rewards,
-            costs,
-            finished=(sequences[:, prompt_length:] == tok.eos_token_id).any(1),
-            prompts=prompts,
-            responses=responses,
-            meta=meta,
-        )
+        return collect_rollout(self, batch, samples_per_prompt, temperature, with_values)
 
     def _seed_iteration(self, salt: int = 0) -> None:
         # A seed that depends only on (seed, iteration, rank) makes a resumed run draw the samples an
@@ -425,28 +380,14 @@ class PolicyModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Gather results from all ranks, write the report on rank 0 and log ``test/...`` scalars."""
-        results = self._eval_results
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, results)
-            results = sorted((r for part in gathered for r in part), key=lambda r: r.index)
+        results = gather_results(self._eval_results)
         summary = summarize(results)
         for key, value in summary.items():
             self.log(f"test/{key}", float(value), rank_zero_only=True)
         if self.trainer.is_global_zero:
             out_dir = self.hparams.report_dir or f"{self.trainer.log_dir or '.'}/evaluation"
-            history = self.lambda_history if self.hparams.algorithm != "ppo" else None
             ckpt = getattr(self.trainer, "ckpt_path", None)
-            trained = int(self.iteration) > 0
-            extra = {
-                "policy": f"{self.hparams.algorithm} checkpoint {ckpt}" if trained else str(self.hparams.actor_path),
-                "reference (start) policy": str(self.hparams.actor_path),
-                "algorithm (config)": self.hparams.algorithm,
-                "iterations trained": str(int(self.iteration)),
-            }
-            title = f"Evaluation: {self.hparams.algorithm} policy" if trained else "Evaluation: the start policy"
-            write_report(results, out_dir, title, history if trained else None, extra)
-            print(f"evaluation report written to {out_dir}/report.md")
+            write_policy_report(results, out_dir, self.hparams, int(self.iteration), self.lambda_history, ckpt)
         self.evaluation_summary = summary
 
     # ---------------------------------------------------------------------------------------- checkpoints

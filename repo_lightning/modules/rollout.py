@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from repo_lightning.data.records import PromptBatch
 from repo_lightning.models.backbone import position_ids_from_mask, token_scores
+from repo_lightning.models.scorer import decode_responses, score_samples
 from repo_lightning.rl.losses import logprobs_from_logits
 
 
@@ -149,3 +151,66 @@ def response_values(critic: PreTrainedModel, sequences: Tensor, attention_mask: 
     """Critic values of the state before each response token: ``[N, L]`` -> ``[N, T]`` float32."""
     values = token_scores(critic, sequences, attention_mask)
     return values[:, prompt_length - 1 : -1]
+
+
+@torch.no_grad()
+def collect_rollout(
+    module, batch: PromptBatch, samples_per_prompt: int, temperature: float, with_values: bool = True
+) -> Rollout:
+    """Sample ``k`` responses per prompt and record log-probs, values and scores (algorithm.md 5.1).
+
+    Args:
+        module: The :class:`~repo_lightning.modules.policy.PolicyModule` (its actor, reference, scorers, critics,
+            tokenizer and sampling hyperparameters).
+        batch: ``B`` prompts.
+        samples_per_prompt: ``k``; the rollout holds ``N = B * k`` samples, the ``k`` of a prompt consecutive.
+        temperature: Sampling temperature.
+        with_values: Also read the critics' values (training needs them, evaluation does not).
+    """
+    hp, tok = module.hparams, module.tokenizer
+    input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
+    attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
+    sequences, full_mask, response_mask = sample_responses(
+        module.actor,
+        input_ids,
+        attention_mask,
+        hp.max_new_tokens,
+        temperature,
+        hp.top_p,
+        hp.top_k,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        synced_gpus=getattr(module, "_sharded", False),
+    )
+    prompt_length = input_ids.shape[1]
+    prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
+    meta = [m for m in (batch.meta or [{}] * len(batch.prompts)) for _ in range(samples_per_prompt)]
+    responses = decode_responses(tok, sequences[:, prompt_length:], response_mask)
+    logprobs = response_logprobs(module.actor, sequences, full_mask, prompt_length)
+    ref_logprobs = response_logprobs(module.ref_model, sequences, full_mask, prompt_length)
+    chunk = hp.scoring_batch_size
+    rewards = score_samples(module.reward_scorer, sequences, full_mask, prompts, responses, chunk)
+    costs = None
+    if module.cost_scorer is not None:
+        costs = score_samples(module.cost_scorer, sequences, full_mask, prompts, responses, chunk)
+    reward_values = cost_values = None
+    if with_values:
+        reward_values = response_values(module.reward_critic, sequences, full_mask, prompt_length)
+        if module.cost_critic is not None:
+            cost_values = response_values(module.cost_critic, sequences, full_mask, prompt_length)
+    return Rollout(
+        sequences,
+        full_mask,
+        response_mask.float(),
+        prompt_length,
+        logprobs,
+        ref_logprobs,
+        reward_values,
+        cost_values,
+        rewards,
+        costs,
+        finished=(sequences[:, prompt_length:] == tok.eos_token_id).any(1),
+        prompts=prompts,
+        responses=responses,
+        meta=meta,
+    )
