@@ -81,9 +81,7 @@ def test_gae_discount():
     # gamma 0.5, lambda 0.5, r = [1, 2], V = [1, 1]
     # t=1: delta = 2 - 1 = 1;               A1 = 1
     # t=0: delta = 1 + 0.5 * 1 - 1 = 0.5;   A0 = 0.5 + 0.25 * 1 = 0.75
-    advantages, returns = gae(
-        torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), torch.ones(1, 2), gamma=0.5, lam=0.5
-    )
+    advantages, returns = gae(torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), torch.ones(1, 2), gamma=0.5, lam=0.5)
     torch.testing.assert_close(advantages, torch.tensor([[0.75, 1.0]]))
     torch.testing.assert_close(returns, torch.tensor([[1.75, 2.0]]))
 
@@ -119,16 +117,33 @@ def test_rectified_costs_sample():
     assert unsafe.tolist() == [False, True, True, False, False, False]
 
 
-def test_rectified_costs_prompt():
+def test_rectified_costs_prompt_keeps_each_samples_own_cost():
     costs = torch.tensor([-1.0, 2.0, 0.5, -3.0, 0.0, -0.5])
-    # k = 2: prompt means [0.5, -1.25, -0.25]
+    # k = 2: prompt means [0.5, -1.25, -0.25]: only prompt 0 is unsafe, and its samples keep their own costs
     signal, unsafe = rectified_costs(costs, samples_per_prompt=2, rectify="prompt")
-    torch.testing.assert_close(signal, torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(signal, torch.tensor([-1.0, 2.0, 0.0, 0.0, 0.0, 0.0]))
     assert unsafe.tolist() == [True, True, False, False, False, False]
     # k = 3: means [(-1 + 2 + 0.5) / 3 = 0.5, (-3 + 0 - 0.5) / 3 < 0]
     signal, unsafe = rectified_costs(costs, samples_per_prompt=3, rectify="prompt")
-    torch.testing.assert_close(signal, torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(signal, torch.tensor([-1.0, 2.0, 0.5, 0.0, 0.0, 0.0]))
     assert unsafe.tolist() == [True, True, True, False, False, False]
+
+
+def test_rectified_costs_prompt_gives_the_exact_bandit_gradient():
+    # A 4-armed bandit with a uniform softmax policy (theta = 0, pi = 1/4) and one sample of each arm, k = 4.
+    # Costs [2, -0.5, -0.5, -0.5]: mean 0.125 > 0, so the prompt is unsafe.
+    # Exact gradient of E[C] w.r.t. theta_0: pi_0 * (C_0 - E[C]) = 0.25 * (2 - 0.125) = 0.46875.
+    # Score-function estimate from the k samples: (1/k) sum_i signal_i * (1[i = 0] - pi_0)
+    #   own costs:        (1/4) * (2 * 0.75 - 0.25 * (-1.5)) = (1/4) * 1.875 = 0.46875 (exact)
+    #   broadcast mean:   (1/4) * (0.125 * 0.75 - 0.25 * 0.375) = 0 (the unsafe arm is not told apart)
+    costs = torch.tensor([2.0, -0.5, -0.5, -0.5])
+    signal, unsafe = rectified_costs(costs, samples_per_prompt=4, rectify="prompt")
+    assert unsafe.all()
+    score = torch.tensor([0.75, -0.25, -0.25, -0.25])  # d log pi(arm i) / d theta_0
+    estimate = (signal * score).mean()
+    torch.testing.assert_close(estimate, torch.tensor(0.46875))
+    broadcast = torch.full((4,), costs.mean().item())
+    torch.testing.assert_close((broadcast * score).mean(), torch.tensor(0.0))
 
 
 def test_rectified_costs_rejects_bad_grouping():
@@ -177,3 +192,28 @@ def test_combine_without_normalisation():
 def test_combine_rejects_several_multipliers():
     with pytest.raises(ValueError, match="lagrange_multiplier"):
         combine_advantages(A_R, A_C, torch.tensor([1.0, 2.0]), None)
+
+
+# ---------------------------------------------------------------- group baselines (critic-free)
+
+
+def test_group_advantages_rloo_and_grpo_by_hand():
+    from repo_lightning.rl.advantages import broadcast_to_tokens, group_advantages
+
+    scores = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])  # k = 3: groups [1, 2, 6] and [5, 5, 5]
+    # RLOO: s_i - mean of the other two: 1 - 4 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5; equal group -> 0
+    torch.testing.assert_close(group_advantages(scores, 3, "rloo"), torch.tensor([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]))
+    # GRPO: mean 3, unbiased std sqrt(((-2)^2 + 1 + 9) / 2) = sqrt(7) -> [-2, -1, 3] / sqrt(7); equal group -> 0
+    root7 = 7**0.5
+    torch.testing.assert_close(
+        group_advantages(scores, 3, "grpo", eps=0.0)[:3], torch.tensor([-2 / root7, -1 / root7, 3 / root7])
+    )
+    assert torch.equal(group_advantages(scores, 3, "grpo")[3:], torch.zeros(3))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(
+        broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])
+    )
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        group_advantages(scores, 1, "rloo")
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(scores, 3, "ppo")  # type: ignore[arg-type]

@@ -205,3 +205,16 @@ def test_value_is_a_detached_copy():
     value.add_(1.0)
     assert dual.value.item() == 1.0
     assert math.isclose(dual.lagrange_multiplier.item(), 1.0)
+
+
+def test_unsafe_rate_statistic_is_a_share_minus_the_target():
+    from repo_lightning.rl.dual import unsafe_rate_statistic
+
+    costs = torch.tensor([-1.0, 0.0, 0.3, 2.0])  # C = 0 is safe: 2 of 4 unsafe
+    assert abs(float(unsafe_rate_statistic(costs, 0.1)) - 0.4) < 1e-7
+    # met with slack: negative, so the log rule lowers lam (lam * exp(lr * lam * g) with g = -0.1 < 0)
+    g = unsafe_rate_statistic(torch.tensor([-1.0, -2.0]), 0.1)
+    assert abs(float(g) + 0.1) < 1e-7
+    dual = DualVariable(rule="log", init=2.0, lr=0.5, max_value=10.0)
+    dual.update(g.reshape(1))
+    assert abs(float(dual.value[0]) - 2.0 * math.exp(0.5 * 2.0 * -0.1)) < 1e-6

@@ -225,12 +225,19 @@ def test_each_algorithm_logs_section_8_scalars(tmp_path, tiny_exports, tiny_worl
 
 
 # ------------------------------------------------------------------------------------------------ multiplier
-DUAL = {"dual_rule": "log", "lagrange_init": 1.0, "lagrange_lr": 0.5, "threshold": 0.0, "tolerance": 0.0}
+DUAL = {
+    "dual_rule": "log",
+    "lagrange_init": 1.0,
+    "lagrange_lr": 0.5,
+    "threshold": 0.0,
+    "tolerance": 0.0,
+    "repo_constraint": "rectified_cost",
+}
 
 
-def _run_with_cost(tmp_path, exports, world, algorithm: str, cost_score: float):
+def _run_with_cost(tmp_path, exports, world, algorithm: str, cost_score: float, **dual):
     cost = _constant_score_model(exports["tokenizer"], tmp_path / "const_cost", cost_score)
-    model = {"algorithm": algorithm, "cost_model_path": cost, **DUAL}
+    model = {"algorithm": algorithm, "cost_model_path": cost, **DUAL, **dual}
     cli = _fit(_policy_config(tmp_path, exports, world, model=model, trainer={"max_steps": 2}))
     module = cli.model
     assert int(module.iteration) == 2
@@ -267,6 +274,40 @@ def test_all_safe_holds_repo_multiplier_but_lowers_ppo_lag(tmp_path, tiny_export
         lam2 = lam1 * math.exp(-0.5 * lam1)
         assert scalars["train/lambda"] == pytest.approx([lam1, lam2], rel=1e-3)
         assert lam == pytest.approx(lam2, rel=1e-3) and lam < 1.0
+
+
+@pytest.mark.parametrize("cost_score", [1.0, -1.0])
+def test_repo_unsafe_rate_constraint_moves_the_multiplier_both_ways(
+    tmp_path, tiny_exports, tiny_world_config, cost_score
+):
+    rate = {"repo_constraint": "unsafe_rate", "target_unsafe_rate": 0.1}
+    module, scalars = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, "repo", cost_score, **rate)
+    # g = share of C > 0 minus 0.1: 0.9 when every sample is unsafe, -0.1 when none is (the constraint is met
+    # with slack, so lam falls instead of being stuck: the multiplier can settle). Log rule as above.
+    g = 0.9 if cost_score > 0 else -0.1
+    assert scalars["train/dual_statistic"] == pytest.approx([g, g], abs=1e-5)
+    lam1 = math.exp(0.5 * g)
+    lam2 = lam1 * math.exp(0.5 * lam1 * g)
+    assert scalars["train/lambda"] == pytest.approx([lam1, lam2], rel=1e-4)
+    assert (float(module.dual.value[0]) < 1.0) == (cost_score < 0)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_train_the_actor_alone(tmp_path, tiny_exports, tiny_world_config, estimator):
+    model = {"algorithm": "repo", "advantage_estimator": estimator, "kl_placement": "loss"}
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model, trainer={"max_steps": 2}))
+    module = cli.model
+    assert module.reward_critic is None and module.cost_critic is None
+    start = AutoModelForCausalLM.from_pretrained(tiny_exports["sft"])
+    changed = [
+        name for name, p in module.actor.named_parameters() if not torch.equal(p.detach(), start.state_dict()[name])
+    ]
+    assert changed, "the actor did not train"
+    assert len(module.optimizers().optimizer.param_groups) == 1
+    assert not [k for k in module.state_dict() if "critic" in k]  # what a checkpoint holds
+    scalars = _scalars(cli.trainer.logger.log_dir)
+    assert "train/kl_loss" in scalars and "train/value_loss_reward" not in scalars
+    assert "train/lambda" in scalars and "train/dual_statistic" in scalars
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

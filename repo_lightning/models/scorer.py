@@ -99,6 +99,5 @@ def score_samples(
             if responses is None:
                 raise ValueError("a scorer with its own tokenizer needs the decoded responses")
             ids, mask = retokenize(scorer, prompts[start:stop], responses[start:stop], sequences.device)
-            logits = scorer.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            out.append(logits[:, 0].float())
+            out.append(sequence_scores(scorer.model, ids, mask))
     return torch.cat(out)

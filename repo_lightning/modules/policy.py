@@ -22,7 +22,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.evaluation import PromptResult, summarize
-from repo_lightning.models.backbone import DType, freeze, load_causal_lm, load_score_model, load_tokenizer
+from repo_lightning.models.backbone import (
+    DType,
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_score_model,
+    load_tokenizer,
+)
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
 from repo_lightning.models.scorer import Scorer, same_tokenizer
@@ -66,10 +73,16 @@ class PolicyModule(L.LightningModule):
             (every response safe, rectified penalty).
         rectify: RePO's unsafe test per ``sample`` (C > 0) or per ``prompt`` (mean of its k samples > 0).
         normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor of the mixed advantage.
-        kl_coef: ``beta``, KL penalty on the reward stream.
+        advantage_estimator: ``gae`` (reward and cost critics, GAE), or critic-free group baselines over the ``k``
+            samples of each prompt: ``rloo`` (leave-one-out mean) or ``grpo`` (group mean and std). The critic-free
+            estimators load, train and checkpoint no critic.
+        kl_coef: ``beta``, the KL penalty's weight.
+        kl_placement: ``reward``: ``-beta * kl`` is part of the reward (per token with ``gae``, summed over the
+            response with the group estimators); ``loss``: a ``beta``-weighted k3 KL loss term on the actor (GRPO's).
         missing_eos_penalty: Added to the reward of a response cut at ``max_new_tokens`` without eos (a guard
             against the policy padding answers to exploit the reward model); ``None`` disables.
-        cost_kl_coef: ``beta_c`` on the cost stream; ``None`` means 0 for ``repo`` and ``beta`` otherwise.
+        cost_kl_coef: ``beta_c`` on the cost stream; ``None`` gives every sample of every algorithm the same KL
+            weight ``beta``: ``beta`` with ``normalize_advantage_mix`` (Safe RLHF's choice), else 0.
         score_clip: Clip reward and cost scores to ``+-score_clip`` before shaping; ``None`` disables.
         clip_ratio: PPO ratio clip ``eps``.
         value_clip: Critic value clip ``eps_v``; ``None`` disables.
@@ -93,7 +106,11 @@ class PolicyModule(L.LightningModule):
         lagrange_lr: Multiplier step size (log and additive rules).
         lagrange_max: Upper bound of the multiplier.
         threshold: Safe RLHF's cost threshold ``d``.
-        tolerance: RePO's tolerance on ``E[{C}^+]``.
+        repo_constraint: RePO's dual statistic: ``unsafe_rate`` (share of unsafe samples minus
+            ``target_unsafe_rate``; scale-free, so the multiplier settles where the target is met) or
+            ``rectified_cost`` (the paper's ``E[{C}^+] - tolerance``, on the cost model's scale).
+        target_unsafe_rate: Unsafe share that RePO's ``unsafe_rate`` constraint tolerates.
+        tolerance: RePO's tolerance on ``E[{C}^+]`` (``repo_constraint: rectified_cost``).
         dual_update_delay: Iterations that hold the multiplier at its initial value.
         dual_window: The rule sees the mean statistic of this many recent iterations.
         pid_kp: PID proportional gain.
@@ -127,7 +144,9 @@ class PolicyModule(L.LightningModule):
         algorithm: Algorithm = "repo",
         rectify: Literal["sample", "prompt"] = "sample",
         normalize_advantage_mix: bool = True,
+        advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae",
         kl_coef: float = 0.02,
+        kl_placement: Literal["reward", "loss"] = "reward",
         missing_eos_penalty: float | None = None,
         cost_kl_coef: float | None = None,
         score_clip: float | None = 50.0,
@@ -153,6 +172,8 @@ class PolicyModule(L.LightningModule):
         lagrange_lr: float = 0.1,
         lagrange_max: float = 100.0,
         threshold: float = 0.0,
+        repo_constraint: Literal["unsafe_rate", "rectified_cost"] = "unsafe_rate",
+        target_unsafe_rate: float = 0.02,
         tolerance: float = 0.0,
         dual_update_delay: int = 0,
         dual_window: int = 1,
@@ -185,6 +206,13 @@ class PolicyModule(L.LightningModule):
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
         if rectify == "prompt" and samples_per_prompt < 2:
             raise ValueError("model.rectify: prompt averages the k samples of a prompt; set samples_per_prompt >= 2")
+        if advantage_estimator != "gae" and samples_per_prompt < 2:
+            raise ValueError(
+                f"model.advantage_estimator: {advantage_estimator} compares the k samples of a prompt; "
+                "set model.samples_per_prompt >= 2"
+            )
+        if not 0.0 <= target_unsafe_rate < 1.0:
+            raise ValueError(f"model.target_unsafe_rate must be in [0, 1), got {target_unsafe_rate}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are reloaded from their paths, not stored in checkpoints
@@ -236,14 +264,16 @@ class PolicyModule(L.LightningModule):
         if hp.cost_model_path is not None:
             self.cost_scorer = self._scorer(hp.cost_model_path, hp.cost_template, common)
             self.cost_model = self.cost_scorer.model
+        self.reward_critic = self.cost_critic = None
+        if hp.advantage_estimator != "gae":
+            return
         self.reward_critic = self._trained(self._critic(hp.reward_model_path, self.reward_scorer, common))
-        self.cost_critic = None
         if hp.algorithm != "ppo":
             self.cost_critic = self._trained(self._critic(hp.cost_model_path, self.cost_scorer, common))
 
     def _trained(self, model):
-        """LoRA and activation checkpointing if configured, then sharding (``ModelParallelStrategy`` only)."""
-        return prepare_trained_model(self, model, self.hparams)
+        """Dropout off, LoRA and activation checkpointing if configured, then sharding (``ModelParallelStrategy``)."""
+        return disable_dropout(prepare_trained_model(self, model, self.hparams))  # after LoRA: its dropout too
 
     def _frozen(self, model):
         """Frozen, then sharded, offloaded or replicated as ``sharding`` says (``ModelParallelStrategy`` only)."""
@@ -276,10 +306,6 @@ class PolicyModule(L.LightningModule):
 
     def _frozen_models(self) -> list[torch.nn.Module]:
         return [m for m in (getattr(self, name, None) for name in FROZEN) if m is not None]
-
-    def trained_models(self) -> list[torch.nn.Module]:
-        """Actor and critics (the models with gradients)."""
-        return [m for m in (self.actor, self.reward_critic, self.cost_critic) if m is not None]
 
     def train(self, mode: bool = True) -> PolicyModule:
         """Switch train/eval mode, keeping the frozen models in eval mode always."""
@@ -349,13 +375,11 @@ class PolicyModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One optimizer, an actor group and a critic group with their own learning rates."""
+        groups = [{"params": list(self.actor.parameters()), "lr": self.hparams.actor_lr}]
         critics = [p for m in (self.reward_critic, self.cost_critic) if m is not None for p in m.parameters()]
-        return self.optimizer(
-            [
-                {"params": list(self.actor.parameters()), "lr": self.hparams.actor_lr},
-                {"params": critics, "lr": self.hparams.critic_lr},
-            ]
-        )
+        if critics:  # critic-free estimators train the actor alone
+            groups.append({"params": critics, "lr": self.hparams.critic_lr})
+        return self.optimizer(groups)
 
     # ------------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

@@ -1,7 +1,8 @@
 """The pieces of one policy iteration that sit between the pure RL maths and the LightningModule.
 
 ``compute_advantages`` (algorithm.md 5.2-5.4), ``ppo_update`` (5.5), ``dual_statistic`` (7) and the metrics of
-section 8; they take the module's hyperparameters as a mapping so they stay free of module state.
+section 8. ``compute_advantages``, ``dual_statistic`` and the metrics are functions of the rollout and the
+hyperparameter mapping; ``ppo_update`` takes the module for its models, optimizer and ``manual_backward``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from torch import Tensor
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.evaluation import PromptResult
 from repo_lightning.modules.rollout import Rollout, response_logits, response_values
-from repo_lightning.rl.advantages import combine_advantages, gae, rectified_costs, shape_rewards, whiten
-from repo_lightning.rl.dual import expected_cost_statistic, rectified_cost_statistic
+from repo_lightning.rl.advantages import (
+    broadcast_to_tokens,
+    combine_advantages,
+    gae,
+    group_advantages,
+    rectified_costs,
+    shape_rewards,
+    whiten,
+)
+from repo_lightning.rl.dual import expected_cost_statistic, rectified_cost_statistic, unsafe_rate_statistic
 from repo_lightning.rl.losses import (
     clipped_value_loss,
     entropy_from_logits,
+    kl_penalty_loss,
     logprobs_from_logits,
     ppo_policy_loss,
 )
@@ -31,49 +41,79 @@ class Advantages:
 
     Attributes:
         advantages: The combined advantage the actor is trained on.
-        reward_returns: GAE returns of the reward stream (reward critic target).
+        reward_returns: GAE returns of the reward stream (reward critic target), or ``None`` without critics.
         cost_returns: GAE returns of the cost stream, or ``None`` without a cost critic.
-        kl: Per-token ``logprobs - ref_logprobs`` on response tokens.
-        cost_signal: ``[N]`` the cost placed on the last token (``C`` or ``{C}^+``), or ``None``.
         unsafe: ``[N]`` bool, the samples RePO penalises, or ``None``.
     """
 
     advantages: Tensor
-    reward_returns: Tensor
+    reward_returns: Tensor | None
     cost_returns: Tensor | None
-    kl: Tensor
-    cost_signal: Tensor | None
     unsafe: Tensor | None
 
 
 def cost_kl_coef(hp: Mapping) -> float:
-    """``beta_c``: as configured, else 0 for RePO and ``beta`` for Safe RLHF (algorithm.md 5.2)."""
+    """``beta_c``: as configured, else the value that gives every sample the same KL weight ``beta``.
+
+    With the ``1/(1+lam)`` factor (``normalize_advantage_mix``) a mixed sample's KL weight is
+    ``(beta + lam beta_c) / (1 + lam)``, which is ``beta`` for ``beta_c = beta`` (Safe RLHF's code); without it the
+    weight is ``beta + lam beta_c``, which is ``beta`` for ``beta_c = 0``. Unmixed samples (``ppo``, RePO's safe
+    ones) always carry ``beta``. So the default holds the KL budget equal across algorithms and samples.
+    """
     if hp["cost_kl_coef"] is not None:
         return hp["cost_kl_coef"]
-    return 0.0 if hp["algorithm"] == "repo" else hp["kl_coef"]
+    return hp["kl_coef"] if hp["normalize_advantage_mix"] else 0.0
+
+
+def cost_signal(costs: Tensor, hp: Mapping) -> tuple[Tensor | None, Tensor | None]:
+    """``(cost_signal [N], unsafe [N] or None)`` of the algorithm (algorithm.md section 6); ``(None, None)`` for ppo."""
+    algorithm = hp["algorithm"]
+    if algorithm == "ppo":
+        return None, None
+    if algorithm == "ppo_lag":
+        return costs, None
+    if algorithm == "repo":
+        return rectified_costs(costs, hp["samples_per_prompt"], hp["rectify"])
+    raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
 def compute_advantages(rollout: Rollout, hp: Mapping, lagrange_multiplier: Tensor) -> Advantages:
-    """KL shaping, GAE on both streams and the algorithm's advantage mix."""
+    """KL shaping, the advantage estimator on both streams and the algorithm's advantage mix.
+
+    ``advantage_estimator: gae`` uses the critics' values (algorithm.md 5.2-5.3); ``rloo`` and ``grpo`` use the
+    other samples of the prompt as baseline on sequence-level scores (``score - beta * sum_t kl_t`` when the KL
+    is placed in the reward), and need no critic.
+    """
     mask = rollout.response_mask
     kl = (rollout.logprobs - rollout.ref_logprobs) * mask
     scores = rollout.rewards
     if hp["missing_eos_penalty"] is not None and rollout.finished is not None:
         scores = scores + hp["missing_eos_penalty"] * (~rollout.finished).to(scores.dtype)
-    rewards = shape_rewards(scores, kl, mask, hp["kl_coef"], hp["score_clip"])
-    reward_adv, reward_returns = gae(rewards, rollout.reward_values * mask, mask, hp["gamma"], hp["gae_lambda"])
-    cost_adv = cost_returns = cost_signal = unsafe = None
-    if hp["algorithm"] != "ppo":
-        if hp["algorithm"] == "repo":
-            cost_signal, unsafe = rectified_costs(rollout.costs, hp["samples_per_prompt"], hp["rectify"])
-        else:
-            cost_signal = rollout.costs
-        shaped = shape_rewards(cost_signal, kl, mask, -cost_kl_coef(hp), hp["score_clip"])
-        cost_adv, cost_returns = gae(shaped, rollout.cost_values * mask, mask, hp["gamma"], hp["gae_lambda"])
+    in_reward = hp["kl_placement"] == "reward"
+    beta = hp["kl_coef"] if in_reward else 0.0
+    beta_c = cost_kl_coef(hp) if in_reward else 0.0
+    signal, unsafe = (None, None) if rollout.costs is None else cost_signal(rollout.costs, hp)
+    if hp["algorithm"] != "ppo" and signal is None:
+        raise ValueError(f"algorithm {hp['algorithm']!r} needs cost scores in the rollout")
+    reward_returns = cost_returns = cost_adv = None
+    if hp["advantage_estimator"] == "gae":
+        rewards = shape_rewards(scores, kl, mask, beta, hp["score_clip"])
+        reward_adv, reward_returns = gae(rewards, rollout.reward_values * mask, mask, hp["gamma"], hp["gae_lambda"])
+        if signal is not None:
+            shaped = shape_rewards(signal, kl, mask, -beta_c, hp["score_clip"])
+            cost_adv, cost_returns = gae(shaped, rollout.cost_values * mask, mask, hp["gamma"], hp["gae_lambda"])
+    else:
+        k, estimator, clip = hp["samples_per_prompt"], hp["advantage_estimator"], hp["score_clip"]
+        total_kl = kl.sum(1)
+        clipped = scores.float() if clip is None else scores.float().clamp(-clip, clip)
+        reward_adv = broadcast_to_tokens(group_advantages(clipped - beta * total_kl, k, estimator), mask)
+        if signal is not None:
+            clipped = signal.float() if clip is None else signal.float().clamp(-clip, clip)
+            cost_adv = broadcast_to_tokens(group_advantages(clipped + beta_c * total_kl, k, estimator), mask)
     advantages = combine_advantages(reward_adv, cost_adv, lagrange_multiplier, unsafe, hp["normalize_advantage_mix"])
     if hp["whiten_advantages"]:
         advantages = whiten(advantages, mask)
-    return Advantages(advantages, reward_returns, cost_returns, kl, cost_signal, unsafe)
+    return Advantages(advantages, reward_returns, cost_returns, unsafe)
 
 
 def ppo_update(module, rollout: Rollout, targets: Advantages) -> dict[str, Tensor]:
@@ -100,17 +140,19 @@ def ppo_update(module, rollout: Rollout, targets: Advantages) -> dict[str, Tenso
             policy_loss, stats = ppo_policy_loss(
                 logprobs, rollout.logprobs[idx], targets.advantages[idx], mask, hp.clip_ratio
             )
-            values = response_values(module.reward_critic, seq, attn, p)
-            value_loss_reward, _ = clipped_value_loss(
-                values, rollout.reward_values[idx], targets.reward_returns[idx], mask, hp.value_clip
-            )
-            loss = policy_loss + hp.value_loss_coef * value_loss_reward
-            step = {
-                "policy_loss": policy_loss,
-                "clipfrac": stats["clipfrac"],
-                "approx_kl": stats["approx_kl"],
-                "value_loss_reward": value_loss_reward,
-            }
+            loss = policy_loss
+            step = {"policy_loss": policy_loss, "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"]}
+            if hp.kl_placement == "loss":
+                kl_loss = kl_penalty_loss(logprobs, rollout.ref_logprobs[idx], mask)
+                loss = loss + hp.kl_coef * kl_loss
+                step["kl_loss"] = kl_loss
+            if module.reward_critic is not None:
+                values = response_values(module.reward_critic, seq, attn, p)
+                value_loss_reward, _ = clipped_value_loss(
+                    values, rollout.reward_values[idx], targets.reward_returns[idx], mask, hp.value_clip
+                )
+                loss = loss + hp.value_loss_coef * value_loss_reward
+                step["value_loss_reward"] = value_loss_reward
             if module.cost_critic is not None:
                 cost_values = response_values(module.cost_critic, seq, attn, p)
                 value_loss_cost, _ = clipped_value_loss(
@@ -132,12 +174,24 @@ def ppo_update(module, rollout: Rollout, targets: Advantages) -> dict[str, Tenso
 
 
 def dual_statistic(costs: Tensor, hp: Mapping) -> Tensor:
-    """This rank's constraint statistic ``g`` (before averaging across ranks), algorithm.md section 7."""
-    if hp["algorithm"] == "ppo_lag":
+    """This rank's constraint statistic ``g`` (before averaging across ranks), algorithm.md section 7.
+
+    ``ppo_lag``: ``mean(C) - threshold``. ``repo`` with ``repo_constraint: unsafe_rate`` (default): the share of
+    unsafe samples (``C > 0``; with ``rectify: prompt``, of prompts with ``mean_k C > 0``) minus
+    ``target_unsafe_rate``; with ``rectified_cost``: ``mean({C}^+) - tolerance`` (the paper's, on the cost
+    model's scale).
+    """
+    algorithm = hp["algorithm"]
+    if algorithm == "ppo_lag":
         return expected_cost_statistic(costs.float(), hp["threshold"])
+    if algorithm != "repo":
+        raise ValueError(f"algorithm {algorithm!r} has no constraint statistic")
+    costs = costs.float()
     if hp["rectify"] == "prompt":
-        costs = costs.float().view(-1, hp["samples_per_prompt"]).mean(1)
-    return rectified_cost_statistic(costs.float(), hp["tolerance"])
+        costs = costs.view(-1, hp["samples_per_prompt"]).mean(1)
+    if hp["repo_constraint"] == "unsafe_rate":
+        return unsafe_rate_statistic(costs, hp["target_unsafe_rate"])
+    return rectified_cost_statistic(costs, hp["tolerance"])
 
 
 def iteration_metrics(

@@ -29,7 +29,8 @@ class Rollout:
         prompt_length: ``P``.
         logprobs: ``[N, T]`` actor log-probabilities of the sampled tokens (``logp_old``).
         ref_logprobs: ``[N, T]`` reference log-probabilities.
-        reward_values: ``[N, T]`` reward critic values ``V_R`` of the state before each response token.
+        reward_values: ``[N, T]`` reward critic values ``V_R`` of the state before each response token, or ``None``
+            (evaluation, or a critic-free estimator).
         cost_values: ``[N, T]`` cost critic values ``V_C``, or ``None`` without a cost critic.
         rewards: ``[N]`` reward model scores ``R(x, y)``.
         costs: ``[N]`` cost model scores ``C(x, y)``, or ``None`` without a cost model.
@@ -45,7 +46,7 @@ class Rollout:
     prompt_length: int
     logprobs: Tensor
     ref_logprobs: Tensor
-    reward_values: Tensor
+    reward_values: Tensor | None
     cost_values: Tensor | None
     rewards: Tensor
     costs: Tensor | None
@@ -194,7 +195,7 @@ def collect_rollout(
     if module.cost_scorer is not None:
         costs = score_samples(module.cost_scorer, sequences, full_mask, prompts, responses, chunk)
     reward_values = cost_values = None
-    if with_values:
+    if with_values and module.reward_critic is not None:
         reward_values = response_values(module.reward_critic, sequences, full_mask, prompt_length)
         if module.cost_critic is not None:
             cost_values = response_values(module.cost_critic, sequences, full_mask, prompt_length)

@@ -6,16 +6,18 @@ import torch
 from transformers import PreTrainedModel
 
 from repo_lightning.data.records import PreferenceBatch
+from repo_lightning.models.backbone import sequence_scores
 
 
 def pair_scores(model: PreTrainedModel, batch: PreferenceBatch) -> torch.Tensor:
     """Score both responses of every pair in one forward pass: ``[2B, L]`` -> ``[B, 2]`` float32.
 
-    Uses the model's own Hugging Face head and pooling (last non-pad token of right-padded rows), so an exported
-    model scores exactly as it did in training.
+    Reads the score at the last *attended* token (the response's eos) with :func:`sequence_scores`, the one readout
+    that the policy stage's rollout scoring and the evaluation use too. Hugging Face's own pooling (rightmost token
+    that is not ``pad_token_id``) agrees whenever pad and eos differ; with pad == eos (Llama-2) it would read the
+    token *before* eos, so the RL stage would score with a readout the model was never trained on.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    scores = logits[:, 0].float()
+    scores = sequence_scores(model, batch.input_ids, batch.attention_mask)
     return scores.view(2, batch.num_pairs).T
 
 

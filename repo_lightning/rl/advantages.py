@@ -10,6 +10,10 @@ References:
     - Safe RLHF: Dai et al., ICLR 2024 (arXiv 2310.12773), Eq. 11 (the ``(A_R - lam A_C) / (1 + lam)`` mix).
     - RePO: Peng et al., NeurIPS 2025 (arXiv 2410.19933): the rectified penalty ``{C}^+`` whose gradient is
       zero on safe samples, so safe samples keep the pure reward advantage.
+    - RLOO: Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+      Feedback in LLMs", ACL 2024 (arXiv 2402.14740), Eq. 7 (leave-one-out baseline over the k samples).
+    - GRPO: Shao et al., "DeepSeekMath", 2024 (arXiv 2402.03300), Eq. 3 (group mean and std normalisation;
+      outcome supervision: the normalised score is the advantage of every token).
 """
 
 from __future__ import annotations
@@ -90,6 +94,47 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, returns
 
 
+GroupBaseline = Literal["rloo", "grpo"]
+
+
+def group_advantages(scores: Tensor, samples_per_prompt: int, baseline: GroupBaseline, eps: float = 1e-6) -> Tensor:
+    """Critic-free advantage of each sample from the other samples of its prompt (issue: critic-free estimators).
+
+    - ``rloo`` (RLOO Eq. 7): ``A_i = s_i - mean_{j != i} s_j = k / (k - 1) * (s_i - mean_j s_j)``.
+    - ``grpo`` (GRPO Eq. 3): ``A_i = (s_i - mean_j s_j) / (std_j s_j + eps)``, with the unbiased std of the group.
+
+    Args:
+        scores: ``[B * k]`` sequence-level scores (reward, or the cost signal), the ``k`` samples of a prompt
+            consecutive.
+        samples_per_prompt: ``k >= 2``.
+        baseline: ``"rloo"`` or ``"grpo"``.
+        eps: added to the group std (``grpo``), so a group of equal scores gets advantage 0.
+
+    Returns:
+        ``[B * k]`` advantages, one per sample (to be broadcast over its response tokens).
+
+    Raises:
+        ValueError: if ``k < 2``, ``k`` does not divide ``len(scores)``, or ``baseline`` is unknown.
+    """
+    k = samples_per_prompt
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"a group baseline needs samples_per_prompt >= 2 dividing {scores.numel()}, got {k}")
+    groups = scores.detach().reshape(-1, k)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if baseline == "rloo":
+        advantages = centred * (k / (k - 1))
+    elif baseline == "grpo":
+        advantages = centred / (groups.std(dim=1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"baseline must be 'rloo' or 'grpo', got {baseline!r}")
+    return advantages.reshape(-1)
+
+
+def broadcast_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """``[B]`` sequence-level advantages -> ``[B, T]``, the same value on every response token, 0 off the mask."""
+    return advantages.unsqueeze(1) * mask.to(advantages.dtype)
+
+
 def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """Masked whitening, for an optional advantage normalisation.
 
@@ -118,15 +163,17 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
 def rectified_costs(
     costs: Tensor, samples_per_prompt: int, rectify: Literal["sample", "prompt"] = "sample"
 ) -> tuple[Tensor, Tensor]:
-    """RePO's rectified cost signal ``{C}^+`` and unsafe flags (algorithm.md section 6).
+    """RePO's cost signal and unsafe flags (algorithm.md section 6).
 
     Args:
         costs: ``[B * k]`` raw costs ``C(x, y)``, grouped by prompt: rows ``i*k .. i*k + k - 1`` are the ``k``
             samples of prompt ``i``.
         samples_per_prompt: ``k``.
-        rectify: ``"sample"``: ``cost_signal = {C}^+`` and ``unsafe = C > 0`` per response; ``"prompt"``: with
-            ``m = mean_k C`` per prompt, ``cost_signal = {m}^+`` and ``unsafe = m > 0``, broadcast to the
-            prompt's ``k`` samples.
+        rectify: ``"sample"``: ``cost_signal = {C}^+`` and ``unsafe = C > 0`` per response. ``"prompt"``: with
+            ``u(x) = [mean_k C(x, y_k) > 0]``, every sample of an unsafe prompt keeps *its own* cost,
+            ``cost_signal = u(x) * C(x, y_k)``, and ``unsafe = u(x)``; samples of a safe prompt get 0 and are not
+            flagged. Giving every sample the prompt's ``{mean_k C}^+`` instead would hide which sample was unsafe
+            and scale the safety gradient by ``1/k``.
 
     Returns:
         ``(cost_signal, unsafe)``: ``[B * k]`` float and ``[B * k]`` bool.
@@ -138,12 +185,11 @@ def rectified_costs(
     if samples_per_prompt < 1 or costs.numel() % samples_per_prompt:
         raise ValueError(f"samples_per_prompt={samples_per_prompt} must be >= 1 and divide the {costs.numel()} costs")
     if rectify == "sample":
-        signal = costs
-    elif rectify == "prompt":
-        signal = costs.reshape(-1, samples_per_prompt).mean(dim=1).repeat_interleave(samples_per_prompt)
-    else:
-        raise ValueError(f"rectify must be 'sample' or 'prompt', got {rectify!r}")
-    return torch.relu(signal), signal > 0
+        return torch.relu(costs), costs > 0
+    if rectify == "prompt":
+        unsafe = (costs.reshape(-1, samples_per_prompt).mean(dim=1) > 0).repeat_interleave(samples_per_prompt)
+        return torch.where(unsafe, costs, torch.zeros_like(costs)), unsafe
+    raise ValueError(f"rectify must be 'sample' or 'prompt', got {rectify!r}")
 
 
 def combine_advantages(

@@ -52,6 +52,22 @@ def rectified_cost_statistic(costs: Tensor, tolerance: float = 0.0) -> Tensor:
     return torch.relu(costs.float()).mean(dim=0) - tolerance
 
 
+def unsafe_rate_statistic(costs: Tensor, target: float) -> Tensor:
+    """Share of unsafe samples minus a target: ``g = mean([C > 0]) - target``.
+
+    A constraint on RePO's per-sample safety test that can be met (for ``target > 0``) and is on the same scale
+    for every cost model (a share in ``[0, 1]``), so the multiplier can settle instead of ramping to its cap.
+
+    Args:
+        costs: ``[N]`` (or ``[N, num_costs]``) raw costs per response, or per-prompt means.
+        target: the tolerated unsafe share.
+
+    Returns:
+        ``[]`` (or ``[num_costs]``).
+    """
+    return (costs.float() > 0).float().mean(dim=0) - target
+
+
 def log_rule(multiplier: Tensor, statistic: Tensor, lr: float, max_value: float) -> Tensor:
     """Safe RLHF's update ``log lam <- log lam + lr * lam * g``, clamped to ``log max_value``.
 

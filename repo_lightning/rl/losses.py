@@ -217,6 +217,24 @@ def clipped_value_loss(
     return 0.5 * masked_mean(losses, mask), {"clipfrac": clipfrac}
 
 
+def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """KL to the reference as a loss term (the ``k3`` estimator that GRPO uses, Shao et al. 2024, Eq. 4).
+
+    ``mean_t [exp(ref - logp) - (ref - logp) - 1]`` over response tokens: non-negative, zero where the two
+    distributions agree on the sampled token, an unbiased estimate of ``KL(pi || pi_ref)`` on samples of ``pi``.
+
+    Args:
+        logprobs: ``[B, T]`` current log-probabilities (with gradient).
+        ref_logprobs: ``[B, T]`` reference log-probabilities (constant).
+        mask: ``[B, T]`` response tokens.
+
+    Returns:
+        Scalar loss.
+    """
+    log_ratio = (ref_logprobs.detach() - logprobs).clamp(-20.0, 20.0)
+    return masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)
+
+
 def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     """Mean per-token entropy of the policy's distribution over the masked positions.
 
