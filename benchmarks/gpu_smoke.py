@@ -106,12 +106,12 @@ def _instrument_policy(device: str) -> dict[str, _Timer]:
         timers["generation"].add(time.perf_counter() - start, int(response_mask.sum()))
         return sequences, mask, response_mask
 
-    def timed_update(module, rollout, targets):
+    def timed_update(models, rollout, targets, config, *args, **kwargs):
         _sync(device)
         start = time.perf_counter()
-        stats = update(module, rollout, targets)
+        stats = update(models, rollout, targets, config, *args, **kwargs)
         _sync(device)
-        tokens = int(rollout.attention_mask.sum()) * module.hparams.ppo_epochs
+        tokens = int(rollout.attention_mask.sum()) * config.ppo_epochs
         timers["training"].add(time.perf_counter() - start, tokens)
         return stats
 
@@ -234,12 +234,11 @@ def run(args) -> dict:
                 "actor_path": str(root / "models" / "sft"),
                 "reward_model_path": str(root / "models" / "reward"),
                 "cost_model_path": str(root / "models" / "cost"),
-                "algorithm": "repo",
-                "samples_per_prompt": 4,
-                "max_new_tokens": args.max_new_tokens,
-                "minibatch_size": 4 * args.batch_size,  # one optimizer step per iteration: max_steps = iterations
-                "dtype": args.dtype,
-                "gradient_checkpointing": not args.tiny,
+                "objective": {"class_path": "repo_lightning.objectives.RePO"},
+                "sampling": {"samples_per_prompt": 4, "max_new_tokens": args.max_new_tokens},
+                # one optimizer step per iteration: max_steps = iterations
+                "update": {"minibatch_size": 4 * args.batch_size},
+                "memory": {"dtype": args.dtype, "gradient_checkpointing": not args.tiny},
             },
         },
         "data": {**data, "mode": "prompts", "batch_size": args.batch_size},

@@ -46,14 +46,13 @@ def _model_args(stage: str, exports: dict[str, str]) -> dict:
             "actor_path": exports["sft"],
             "reward_model_path": exports["reward"],
             "cost_model_path": exports["cost"],
-            "algorithm": "repo",
-            "samples_per_prompt": 2,
-            "max_new_tokens": 6,
-            "minibatch_size": 4,
-            "actor_lr": 1e-2,
-            "critic_lr": 1e-2,
-            "dual_rule": "additive",
-            "lagrange_lr": 0.5,
+            "objective": {"class_path": "repo_lightning.objectives.RePO"},
+            "sampling": {"samples_per_prompt": 2, "max_new_tokens": 6},
+            "update": {"minibatch_size": 4, "actor_lr": 1e-2, "critic_lr": 1e-2},
+            "dual": {
+                "class_path": "repo_lightning.rl.dual.DualVariable",
+                "init_args": {"rule": {"class_path": "repo_lightning.rl.dual.AdditiveRule", "init_args": {"lr": 0.5}}},
+            },
             "seed": 3,
         }
     # The reward and cost stages start from their own exports so that no weight is initialised at random and a

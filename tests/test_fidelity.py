@@ -45,7 +45,10 @@ def test_training_and_rollout_read_the_same_token_when_pad_is_eos(tiny_exports, 
         scorer = Scorer(model, tok, "", reuse_policy_ids=True)
         rollout = score_samples(scorer, seqs, mask, ["", ""])
         at_eos = torch.stack(
-            [sequence_scores(model, s[None, : int(m.sum())], m[None, : int(m.sum())]) for s, m in zip(seqs, mask)]
+            [
+                sequence_scores(model, s[None, : int(m.sum())], m[None, : int(m.sum())])
+                for s, m in zip(seqs, mask, strict=True)
+            ]
         ).squeeze(1)
         hf_pooling = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
     torch.testing.assert_close(trained, rollout, rtol=0, atol=1e-5)
@@ -89,7 +92,6 @@ def test_policy_stage_runs_its_trained_models_without_dropout(tiny_exports, tmp_
         reward_model_path=paths["reward"],
         cost_model_path=paths["cost"],
         tokenizer_path=tiny_exports["tokenizer"],
-        algorithm="repo",
     )
     module.configure_model()
     module.train()

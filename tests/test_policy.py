@@ -23,6 +23,8 @@ from repo_lightning.data.collate import PromptExample, collate_prompts
 from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 from repo_lightning.models.backbone import load_score_model
 from repo_lightning.modules import PolicyModule
+from repo_lightning.modules.policy_config import Sampling
+from repo_lightning.modules.rollout import collect_rollout
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.safetyworld.tokenizer import build_word_tokenizer
 
@@ -30,16 +32,16 @@ TRAIN_SCALARS = (
     "train/dual_statistic",
     "train/reward_mean",
     "train/cost_mean",
-    "train/unsafe_frac",
-    "train/unsafe_prompt_frac",
-    "train/kl",
+    "train/unsafe_response_rate",
+    "train/unsafe_prompt_rate",
+    "train/kl_mean",
     "train/policy_loss",
     "train/clipfrac",
     "train/approx_kl",
     "train/entropy",
     "train/value_loss_reward",
     "train/value_loss_cost",
-    "train/response_len",
+    "train/response_len_mean",
     "train/rectified_cost_mean",
 )
 
@@ -61,6 +63,32 @@ def _world_overrides(config: WorldConfig) -> dict:
         for key, value in dataclasses.asdict(config).items()
         if value != default[key]
     }
+
+
+OBJECTIVES = {"ppo": "PPO", "ppo_lag": "PPOLagrangian", "repo": "RePO"}
+RULES = {"log": "LogRule", "additive": "AdditiveRule", "pid": "PIDRule"}
+
+
+def objective(name: str, **init_args) -> dict:
+    """``model.objective`` of one of the shipped algorithms."""
+    return {"class_path": f"repo_lightning.objectives.{OBJECTIVES[name]}", "init_args": init_args}
+
+
+def dual(rule: str = "log", rule_args: dict | None = None, **init_args) -> dict:
+    """``model.dual`` with one of the shipped rules."""
+    rule_cfg = {"class_path": f"repo_lightning.rl.dual.{RULES[rule]}", "init_args": rule_args or {}}
+    return {"class_path": "repo_lightning.rl.dual.DualVariable", "init_args": {"rule": rule_cfg, **init_args}}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """``base`` updated by ``override``, merging the settings groups (dicts without ``class_path``) key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and "class_path" not in value and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def _policy_config(
@@ -97,14 +125,15 @@ def _policy_config(
                 "actor_path": exports["sft"],
                 "reward_model_path": exports["reward"],
                 "cost_model_path": exports["cost"],
-                "algorithm": "repo",
-                "samples_per_prompt": 2,
-                "max_new_tokens": 6,
-                "minibatch_size": 4,
-                "actor_lr": 1e-2,
-                "critic_lr": 1e-2,
-                "eval_samples_per_prompt": 2,
-                **(model or {}),
+                **_merge(
+                    {
+                        "objective": objective("repo"),
+                        "sampling": {"samples_per_prompt": 2, "max_new_tokens": 6},
+                        "update": {"minibatch_size": 4, "actor_lr": 1e-2, "critic_lr": 1e-2},
+                        "evaluation": {"samples_per_prompt": 2},
+                    },
+                    model or {},
+                ),
             },
         },
         "data": {
@@ -200,7 +229,7 @@ def test_training_step_updates_actor_and_critics_only(tmp_path, tiny_exports, ti
 
 @pytest.mark.parametrize("algorithm", ["ppo", "ppo_lag", "repo"])
 def test_each_algorithm_logs_section_8_scalars(tmp_path, tiny_exports, tiny_world_config, algorithm):
-    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model={"algorithm": algorithm}))
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model={"objective": objective(algorithm)}))
     module = cli.model
     assert int(module.iteration) == 1
     assert (module.cost_critic is None) == (algorithm == "ppo")
@@ -219,25 +248,21 @@ def test_each_algorithm_logs_section_8_scalars(tmp_path, tiny_exports, tiny_worl
         assert all(math.isfinite(v) for v in scalars[tag]), tag
     if algorithm != "ppo":
         assert scalars["train/lambda"][-1] == pytest.approx(float(module.dual.value[0]))
-        # unsafe_frac counts C > 0 among the 4 samples; rectified_cost_mean is the mean of {C}^+.
-        assert 0.0 <= scalars["train/unsafe_frac"][-1] <= scalars["train/unsafe_prompt_frac"][-1] <= 1.0
+        # unsafe_response_rate counts C > 0 among the 4 samples; rectified_cost_mean is the mean of {C}^+.
+        assert 0.0 <= scalars["train/unsafe_response_rate"][-1] <= scalars["train/unsafe_prompt_rate"][-1] <= 1.0
         assert scalars["train/rectified_cost_mean"][-1] >= max(scalars["train/cost_mean"][-1], 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ multiplier
-DUAL = {
-    "dual_rule": "log",
-    "lagrange_init": 1.0,
-    "lagrange_lr": 0.5,
-    "threshold": 0.0,
-    "tolerance": 0.0,
-    "repo_constraint": "rectified_cost",
-}
+DUAL = dual("log", {"lr": 0.5}, initial=1.0)
+#: The paper's RePO statistic mean({C}^+) - tolerance; Safe RLHF's threshold 0.
+PAPER = {"repo": {"constraint": "rectified_cost", "tolerance": 0.0}, "ppo_lag": {"threshold": 0.0}}
 
 
-def _run_with_cost(tmp_path, exports, world, algorithm: str, cost_score: float, **dual):
+def _run_with_cost(tmp_path, exports, world, algorithm: str, cost_score: float, **objective_args):
     cost = _constant_score_model(exports["tokenizer"], tmp_path / "const_cost", cost_score)
-    model = {"algorithm": algorithm, "cost_model_path": cost, **DUAL, **dual}
+    goal = objective(algorithm, **(objective_args or PAPER[algorithm]))
+    model = {"objective": goal, "cost_model_path": cost, "dual": DUAL}
     cli = _fit(_policy_config(tmp_path, exports, world, model=model, trainer={"max_steps": 2}))
     module = cli.model
     assert int(module.iteration) == 2
@@ -246,7 +271,7 @@ def _run_with_cost(tmp_path, exports, world, algorithm: str, cost_score: float, 
 
 def test_repo_multiplier_rises_while_every_sample_is_unsafe(tmp_path, tiny_exports, tiny_world_config):
     module, scalars = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, "repo", cost_score=1.0)
-    assert scalars["train/unsafe_frac"] == pytest.approx([1.0, 1.0])
+    assert scalars["train/unsafe_response_rate"] == pytest.approx([1.0, 1.0])
     # g = mean({C}^+) - 0 = 1; log rule: log lam += lr * lam * g, so lam: 1 -> e^0.5 -> e^(0.5 + 0.5 e^0.5).
     assert scalars["train/dual_statistic"] == pytest.approx([1.0, 1.0], abs=1e-4)
     lam1 = math.exp(0.5)
@@ -259,13 +284,13 @@ def test_repo_multiplier_rises_while_every_sample_is_unsafe(tmp_path, tiny_expor
 @pytest.mark.parametrize("algorithm", ["repo", "ppo_lag"])
 def test_all_safe_holds_repo_multiplier_but_lowers_ppo_lag(tmp_path, tiny_exports, tiny_world_config, algorithm):
     module, scalars = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, algorithm, cost_score=-1.0)
-    assert scalars["train/unsafe_frac"] == [0.0, 0.0]
+    assert scalars["train/unsafe_response_rate"] == [0.0, 0.0]
     assert scalars["train/rectified_cost_mean"] == [0.0, 0.0]
     lam = float(module.dual.value[0])
     if algorithm == "repo":
         # g = mean({C}^+) = 0 exactly: safe samples never move RePO's multiplier.
         assert scalars["train/dual_statistic"] == [0.0, 0.0]
-        assert lam == DUAL["lagrange_init"]
+        assert lam == 1.0
         assert scalars["train/lambda"] == [1.0, 1.0]
     else:
         # Safe RLHF: g = mean(C) - 0 = -1, so log lam falls by lr * lam each step: 1 -> e^-0.5 -> ...
@@ -280,7 +305,7 @@ def test_all_safe_holds_repo_multiplier_but_lowers_ppo_lag(tmp_path, tiny_export
 def test_repo_unsafe_rate_constraint_moves_the_multiplier_both_ways(
     tmp_path, tiny_exports, tiny_world_config, cost_score
 ):
-    rate = {"repo_constraint": "unsafe_rate", "target_unsafe_rate": 0.1}
+    rate = {"constraint": "unsafe_rate", "target_unsafe_rate": 0.1}
     module, scalars = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, "repo", cost_score, **rate)
     # g = share of C > 0 minus 0.1: 0.9 when every sample is unsafe, -0.1 when none is (the constraint is met
     # with slack, so lam falls instead of being stuck: the multiplier can settle). Log rule as above.
@@ -294,7 +319,7 @@ def test_repo_unsafe_rate_constraint_moves_the_multiplier_both_ways(
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
 def test_critic_free_estimators_train_the_actor_alone(tmp_path, tiny_exports, tiny_world_config, estimator):
-    model = {"algorithm": "repo", "advantage_estimator": estimator, "kl_placement": "loss"}
+    model = {"estimation": {"estimator": estimator, "kl_placement": "loss"}}
     cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model, trainer={"max_steps": 2}))
     module = cli.model
     assert module.reward_critic is None and module.cost_critic is None
@@ -314,7 +339,9 @@ def test_critic_free_estimators_train_the_actor_alone(tmp_path, tiny_exports, ti
 def test_test_subcommand_writes_report_with_ground_truth(tmp_path, tiny_exports, tiny_world_config):
     report_dir = tmp_path / "report"
     config = _policy_config(tmp_path, tiny_exports, tiny_world_config, data={"eval_batch_size": 8})
-    cli = main(["test", "--config", config, f"--model.report_dir={report_dir}", "--model.algorithm=ppo_lag"])
+    cli = main(
+        ["test", "--config", config, f"--model.evaluation.report_dir={report_dir}", "--model.objective=PPOLagrangian"]
+    )
 
     rows = [json.loads(line) for line in (report_dir / "per_prompt.jsonl").read_text().splitlines()]
     assert len(rows) == tiny_world_config.num_eval_prompts
@@ -379,7 +406,7 @@ def test_cross_tokenizer_scores_decoded_text(tmp_path, tiny_exports, tiny_world_
         cost_model_path=exports["cost"],
         tokenizer_path=exports["tokenizer"],
         critic_init="actor",
-        max_new_tokens=6,
+        sampling=Sampling(max_new_tokens=6),
     )
     module.configure_model()
     assert not module.reward_scorer.reuse_policy_ids and not module.cost_scorer.reuse_policy_ids
@@ -389,7 +416,7 @@ def test_cross_tokenizer_scores_decoded_text(tmp_path, tiny_exports, tiny_world_
         PromptExample(encode_prompt(tokenizer, p, SAFE_RLHF_TEMPLATE, 32)[0], p, i) for i, p in enumerate(prompts)
     ]
     torch.manual_seed(0)
-    rollout = module.rollout(collate_prompts(examples, tokenizer.pad_token_id), 2, 1.0)
+    rollout = collect_rollout(module.models, collate_prompts(examples, tokenizer.pad_token_id), module.sampling, 2, 1.0)
 
     for name, scores in (("reward", rollout.rewards), ("cost", rollout.costs)):
         model = AutoModelForSequenceClassification.from_pretrained(exports[name]).eval()

@@ -52,14 +52,19 @@ def _config(tmp_path: Path, run: str, exports: dict[str, str], max_epochs: int) 
                 "actor_path": exports["sft"],
                 "reward_model_path": exports["reward"],
                 "cost_model_path": exports["cost"],
-                "algorithm": "repo",
-                "samples_per_prompt": 2,
-                "max_new_tokens": 6,
-                "minibatch_size": 2,  # two optimizer steps per iteration: Adam state and global_step both matter
-                "actor_lr": 1e-2,
-                "critic_lr": 1e-2,
-                "dual_rule": "additive",
-                "lagrange_lr": 0.5,
+                "objective": {"class_path": "repo_lightning.objectives.RePO"},
+                "sampling": {"samples_per_prompt": 2, "max_new_tokens": 6},
+                "update": {
+                    "minibatch_size": 2,
+                    "actor_lr": 1e-2,
+                    "critic_lr": 1e-2,
+                },  # two optimizer steps per iteration: Adam state and global_step both matter
+                "dual": {
+                    "class_path": "repo_lightning.rl.dual.DualVariable",
+                    "init_args": {
+                        "rule": {"class_path": "repo_lightning.rl.dual.AdditiveRule", "init_args": {"lr": 0.5}}
+                    },
+                },
                 "seed": 3,
             },
         },

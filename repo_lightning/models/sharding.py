@@ -129,18 +129,19 @@ def fully_shard_model(
 
 
 def shard_models(
-    module,
+    device_mesh,
     trained: Iterable[nn.Module],
     frozen: Iterable[nn.Module] = (),
     sharding: Sharding | dict | None = None,
 ) -> bool:
-    """Shard a LightningModule's models when its strategy is ``ModelParallelStrategy``; otherwise do nothing.
+    """Shard a stage's models when its strategy is ``ModelParallelStrategy``; otherwise do nothing.
 
     Call it at the end of ``configure_model``. Every rank must have built identical weights (same checkpoint, or
     the same seed for a fresh model): FSDP2 keeps each rank's slice of its own copy and broadcasts nothing.
 
     Args:
-        module: The LightningModule (its ``device_mesh`` is set only by ``ModelParallelStrategy``).
+        device_mesh: The LightningModule's ``device_mesh`` (set only by ``ModelParallelStrategy``; ``None``
+            elsewhere, and then nothing is sharded).
         trained: The models with gradients: always sharded.
         frozen: The models without gradients: sharded, offloaded or replicated as ``sharding`` says.
         sharding: Layout options; ``None`` uses the defaults of :class:`Sharding`.
@@ -148,7 +149,6 @@ def shard_models(
     Returns:
         Whether the models were sharded (``generate`` then needs ``synced_gpus=True``).
     """
-    device_mesh = module.device_mesh
     if device_mesh is None:
         return False
     sharding = as_sharding(sharding)

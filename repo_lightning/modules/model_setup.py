@@ -16,13 +16,19 @@ from repo_lightning.models.lora import apply_lora
 from repo_lightning.models.sharding import enable_gradient_checkpointing, shard_models
 
 
-def prepare_trained_model(module: L.LightningModule, model: PreTrainedModel, hp: Mapping) -> PreTrainedModel:
-    """LoRA and activation checkpointing as ``hp`` says, then sharding (``ModelParallelStrategy`` only)."""
+def prepare_trained_model(device_mesh, model: PreTrainedModel, hp: Mapping) -> PreTrainedModel:
+    """LoRA and activation checkpointing as ``hp`` says, then sharding (``ModelParallelStrategy`` only).
+
+    Args:
+        device_mesh: The LightningModule's ``device_mesh`` (``None`` unless ``ModelParallelStrategy``).
+        model: The freshly loaded model.
+        hp: Holds ``lora``, ``gradient_checkpointing`` and ``sharding``.
+    """
     if hp["lora"] is not None:
         apply_lora(model, hp["lora"])
     if hp["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
-    shard_models(module, [model], sharding=hp["sharding"])
+    shard_models(device_mesh, [model], sharding=hp["sharding"])
     return model
 
 
@@ -42,4 +48,4 @@ def build_stage_model(
     model = loader(
         tokenizer, hp.model_name_or_path, hp.model_config, hp.dtype, hp.trust_remote_code, hp.attn_implementation
     )
-    return tokenizer, prepare_trained_model(module, model, hp)
+    return tokenizer, prepare_trained_model(module.device_mesh, model, hp)

@@ -9,11 +9,6 @@ import torch
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
-def default_adamw(params: Iterable) -> torch.optim.Optimizer:
-    """AdamW with lr 1e-4, weight decay 0 (the default when a config names no optimizer)."""
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-
-
 def optimizer_with_warmup(
     optimizer: OptimizerFactory, params: Iterable, warmup_steps: int = 0
 ) -> dict | torch.optim.Optimizer:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from repo_lightning.evaluation import PromptResult, write_report
@@ -21,20 +19,30 @@ def gather_results(results: list[PromptResult]) -> list[PromptResult]:
 def write_policy_report(
     results: list[PromptResult],
     out_dir: str,
-    hp: Mapping,
+    objective: str,
+    actor_path: str,
     iterations: int,
-    lambda_history: list[tuple[int, float]],
+    lambda_history: list[tuple[int, float]] | None,
     ckpt_path: str | None,
 ) -> None:
-    """Write ``report.md``, ``per_prompt.jsonl``, ``metrics.json`` and plots for a trained or a start policy."""
+    """Write ``report.md``, ``per_prompt.jsonl``, ``metrics.json`` and plots for a trained or a start policy.
+
+    Args:
+        results: Per-prompt results of every rank.
+        out_dir: Report folder.
+        objective: The objective's name (``ppo``, ``ppo_lag``, ``repo``, ...).
+        actor_path: The start (reference) policy.
+        iterations: Iterations trained (0: the start policy itself is evaluated).
+        lambda_history: ``(iteration, multiplier)`` pairs of a constrained objective, or ``None``.
+        ckpt_path: The evaluated checkpoint.
+    """
     trained = iterations > 0
     extra = {
-        "policy": f"{hp['algorithm']} checkpoint {ckpt_path}" if trained else str(hp["actor_path"]),
-        "reference (start) policy": str(hp["actor_path"]),
-        "algorithm (config)": hp["algorithm"],
+        "policy": f"{objective} checkpoint {ckpt_path}" if trained else str(actor_path),
+        "reference (start) policy": str(actor_path),
+        "algorithm (config)": objective,
         "iterations trained": str(iterations),
     }
-    title = f"Evaluation: {hp['algorithm']} policy" if trained else "Evaluation: the start policy"
-    history = lambda_history if trained and hp["algorithm"] != "ppo" else None
-    write_report(results, out_dir, title, history, extra)
+    title = f"Evaluation: {objective} policy" if trained else "Evaluation: the start policy"
+    write_report(results, out_dir, title, lambda_history if trained else None, extra)
     print(f"evaluation report written to {out_dir}/report.md")

@@ -15,6 +15,8 @@ from transformers import PreTrainedModel
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.models.backbone import position_ids_from_mask, token_scores
 from repo_lightning.models.scorer import decode_responses, score_samples
+from repo_lightning.modules.policy_config import Sampling
+from repo_lightning.modules.policy_models import PolicyModels
 from repo_lightning.rl.losses import logprobs_from_logits
 
 
@@ -156,49 +158,57 @@ def response_values(critic: PreTrainedModel, sequences: Tensor, attention_mask: 
 
 @torch.no_grad()
 def collect_rollout(
-    module, batch: PromptBatch, samples_per_prompt: int, temperature: float, with_values: bool = True
+    models: PolicyModels,
+    batch: PromptBatch,
+    sampling: Sampling,
+    samples_per_prompt: int,
+    temperature: float,
+    with_values: bool = True,
+    scoring_batch_size: int | None = None,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample ``k`` responses per prompt and record log-probs, values and scores (algorithm.md 5.1).
 
     Args:
-        module: The :class:`~repo_lightning.modules.policy.PolicyModule` (its actor, reference, scorers, critics,
-            tokenizer and sampling hyperparameters).
+        models: The actor, reference, scorers and critics.
         batch: ``B`` prompts.
+        sampling: Length cap and nucleus / top-k settings.
         samples_per_prompt: ``k``; the rollout holds ``N = B * k`` samples, the ``k`` of a prompt consecutive.
-        temperature: Sampling temperature.
+        temperature: Sampling temperature (training, validation and evaluation differ).
         with_values: Also read the critics' values (training needs them, evaluation does not).
+        scoring_batch_size: Rows per forward pass of the frozen scorers (``None``: all at once).
+        synced_gpus: The actor is sharded: every rank keeps stepping ``generate`` until all have finished.
     """
-    hp, tok = module.hparams, module.tokenizer
+    tok = models.tokenizer
     input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
     attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
     sequences, full_mask, response_mask = sample_responses(
-        module.actor,
+        models.actor,
         input_ids,
         attention_mask,
-        hp.max_new_tokens,
+        sampling.max_new_tokens,
         temperature,
-        hp.top_p,
-        hp.top_k,
+        sampling.top_p,
+        sampling.top_k,
         tok.eos_token_id,
         tok.pad_token_id,
-        synced_gpus=getattr(module, "_sharded", False),
+        synced_gpus=synced_gpus,
     )
     prompt_length = input_ids.shape[1]
     prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
     meta = [m for m in (batch.meta or [{}] * len(batch.prompts)) for _ in range(samples_per_prompt)]
     responses = decode_responses(tok, sequences[:, prompt_length:], response_mask)
-    logprobs = response_logprobs(module.actor, sequences, full_mask, prompt_length)
-    ref_logprobs = response_logprobs(module.ref_model, sequences, full_mask, prompt_length)
-    chunk = hp.scoring_batch_size
-    rewards = score_samples(module.reward_scorer, sequences, full_mask, prompts, responses, chunk)
+    logprobs = response_logprobs(models.actor, sequences, full_mask, prompt_length)
+    ref_logprobs = response_logprobs(models.ref_model, sequences, full_mask, prompt_length)
+    rewards = score_samples(models.reward_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
     costs = None
-    if module.cost_scorer is not None:
-        costs = score_samples(module.cost_scorer, sequences, full_mask, prompts, responses, chunk)
+    if models.cost_scorer is not None:
+        costs = score_samples(models.cost_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
     reward_values = cost_values = None
-    if with_values and module.reward_critic is not None:
-        reward_values = response_values(module.reward_critic, sequences, full_mask, prompt_length)
-        if module.cost_critic is not None:
-            cost_values = response_values(module.cost_critic, sequences, full_mask, prompt_length)
+    if with_values and models.reward_critic is not None:
+        reward_values = response_values(models.reward_critic, sequences, full_mask, prompt_length)
+        if models.cost_critic is not None:
+            cost_values = response_values(models.cost_critic, sequences, full_mask, prompt_length)
     return Rollout(
         sequences,
         full_mask,

@@ -15,8 +15,6 @@ References:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
@@ -68,8 +66,8 @@ def unsafe_rate_statistic(costs: Tensor, target: float) -> Tensor:
     return (costs.float() > 0).float().mean(dim=0) - target
 
 
-def log_rule(multiplier: Tensor, statistic: Tensor, lr: float, max_value: float) -> Tensor:
-    """Safe RLHF's update ``log lam <- log lam + lr * lam * g``, clamped to ``log max_value``.
+def log_rule(multiplier: Tensor, statistic: Tensor, lr: float, maximum: float) -> Tensor:
+    """Safe RLHF's update ``log lam <- log lam + lr * lam * g``, clamped to ``log maximum``.
 
     This is one SGD step on ``log lam`` for the dual loss ``-lam * g``, computed in the equivalent form
     ``lam * exp(lr * lam * g)`` so that ``g = 0`` leaves lam bit-for-bit unchanged. lam stays strictly
@@ -79,27 +77,27 @@ def log_rule(multiplier: Tensor, statistic: Tensor, lr: float, max_value: float)
         multiplier: ``[num_costs]`` current lam (``> 0``).
         statistic: ``[num_costs]`` constraint statistic ``g``.
         lr: step size.
-        max_value: upper bound ``lam_max``.
+        maximum: upper bound of lam.
 
     Returns:
-        ``[num_costs]`` new lam in ``(0, max_value]``.
+        ``[num_costs]`` new lam in ``(0, maximum]``.
     """
-    return (multiplier * torch.exp(lr * multiplier * statistic)).clamp(min=_FLOOR, max=max_value)
+    return (multiplier * torch.exp(lr * multiplier * statistic)).clamp(min=_FLOOR, max=maximum)
 
 
-def additive_rule(multiplier: Tensor, statistic: Tensor, lr: float, max_value: float) -> Tensor:
-    """Projected gradient ascent ``lam <- clip(lam + lr * g, 0, max_value)``.
+def additive_rule(multiplier: Tensor, statistic: Tensor, lr: float, maximum: float) -> Tensor:
+    """Projected gradient ascent ``lam <- clip(lam + lr * g, 0, maximum)``.
 
     Args:
         multiplier: ``[num_costs]`` current lam.
         statistic: ``[num_costs]`` constraint statistic ``g``.
         lr: step size.
-        max_value: upper bound ``lam_max``.
+        maximum: upper bound of lam.
 
     Returns:
-        ``[num_costs]`` new lam in ``[0, max_value]``.
+        ``[num_costs]`` new lam in ``[0, maximum]``.
     """
-    return (multiplier + lr * statistic).clamp(min=0.0, max=max_value)
+    return (multiplier + lr * statistic).clamp(min=0.0, max=maximum)
 
 
 def pid_rule(
@@ -109,9 +107,9 @@ def pid_rule(
     kp: float,
     ki: float,
     kd: float,
-    max_value: float,
+    maximum: float,
 ) -> tuple[Tensor, Tensor]:
-    """PID Lagrangian ``lam = clip(kp g + ki I + kd (g - g_prev), 0, max_value)`` (Stooke et al. 2020).
+    """PID Lagrangian ``lam = clip(kp g + ki I + kd (g - g_prev), 0, maximum)`` (Stooke et al. 2020).
 
     ``I <- max(I + g, 0)`` is updated first and used in the same step. Clamping the integral at 0 is the
     paper's anti-windup: a long run of satisfied constraints cannot bank a negative integral that would keep
@@ -125,91 +123,158 @@ def pid_rule(
         kp: proportional gain.
         ki: integral gain.
         kd: derivative gain.
-        max_value: upper bound ``lam_max``.
+        maximum: upper bound of lam.
 
     Returns:
         ``(lam, new_integral)``, each ``[num_costs]``.
     """
     new_integral = (integral + statistic).clamp(min=0.0)
     multiplier = kp * statistic + ki * new_integral + kd * (statistic - previous)
-    return multiplier.clamp(min=0.0, max=max_value), new_integral
+    return multiplier.clamp(min=0.0, max=maximum), new_integral
+
+
+class DualRule(torch.nn.Module):
+    """How the multiplier answers its statistic: ``step(multiplier, statistic, previous, maximum) -> multiplier``.
+
+    An interface with no implementation. A rule with state keeps it in buffers (saved with the dual variable);
+    :meth:`bind` is called once with the number of constraints before any step.
+    """
+
+    def bind(self, num_costs: int) -> None:
+        """Size the rule's state for ``num_costs`` constraints (stateless rules need nothing)."""
+
+    def check_initial(self, initial: float) -> None:
+        """Raise ``ValueError`` if the rule cannot start from ``initial``."""
+        if not initial >= 0:
+            raise ValueError(f"dual.initial must be >= 0, got {initial}")
+
+    def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
+        """New multiplier(s) from the current ones and the (windowed) statistic; ``previous`` is ``None`` at first."""
+        raise NotImplementedError
+
+
+class LogRule(DualRule):
+    """Safe RLHF's ``log lam <- log lam + lr * lam * g`` (see :func:`log_rule`).
+
+    Args:
+        lr: Step size, ``> 0``.
+    """
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"dual.rule.lr must be > 0, got {lr}")
+        self.lr = lr
+
+    def check_initial(self, initial: float) -> None:
+        """The log rule multiplies lam: it must start above 0."""
+        if not initial > 0:
+            raise ValueError(f"dual.initial must be > 0 for the log rule, got {initial}")
+
+    def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
+        """:func:`log_rule`."""
+        return log_rule(multiplier, statistic, self.lr, maximum)
+
+
+class AdditiveRule(DualRule):
+    """Projected gradient ascent ``lam <- clip(lam + lr * g, 0, maximum)`` (see :func:`additive_rule`).
+
+    Args:
+        lr: Step size, ``> 0``.
+    """
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"dual.rule.lr must be > 0, got {lr}")
+        self.lr = lr
+
+    def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
+        """:func:`additive_rule`."""
+        return additive_rule(multiplier, statistic, self.lr, maximum)
+
+
+class PIDRule(DualRule):
+    """PID Lagrangian (Stooke et al. 2020, see :func:`pid_rule`); the integral is a checkpointed buffer.
+
+    The rule replaces the initial multiplier at its first applied update; the very first statistic has no
+    predecessor, so it is its own ``g_prev`` (no derivative kick).
+
+    Args:
+        kp: Proportional gain, ``>= 0``.
+        ki: Integral gain, ``>= 0``.
+        kd: Derivative gain, ``>= 0``.
+    """
+
+    def __init__(self, kp: float = 0.0, ki: float = 1.0, kd: float = 0.0) -> None:
+        super().__init__()
+        for name, gain in (("kp", kp), ("ki", ki), ("kd", kd)):
+            if not gain >= 0:
+                raise ValueError(f"dual.rule.{name} must be >= 0, got {gain}")
+        self.kp, self.ki, self.kd = kp, ki, kd
+        self.register_buffer("integral", torch.zeros(1, dtype=torch.float32))
+
+    def bind(self, num_costs: int) -> None:
+        """One integral per constraint."""
+        self.integral = torch.zeros(num_costs, dtype=torch.float32)
+
+    def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
+        """:func:`pid_rule`, updating the integral."""
+        previous = statistic if previous is None else previous
+        new, integral = pid_rule(statistic, self.integral, previous, self.kp, self.ki, self.kd, maximum)
+        self.integral.copy_(integral)
+        return new
 
 
 class DualVariable(torch.nn.Module):
-    """The Lagrange multiplier(s) and their update rule's state, as checkpointed buffers.
+    """The Lagrange multiplier(s), the statistic window and the rule, as checkpointed state.
 
-    Buffers (all persistent): ``lagrange_multiplier`` ``[num_costs]``, ``integral`` ``[num_costs]`` (PID),
-    ``previous`` ``[num_costs]`` (the windowed statistic that drove the last update; log it as
-    ``dual_statistic``), ``history`` ``[window, num_costs]`` (a ring buffer of recent statistics),
-    ``history_count`` (valid rows in it) and ``num_updates`` (calls to :meth:`update`).
+    Buffers (all persistent): ``lagrange_multiplier`` ``[num_costs]``, ``previous`` ``[num_costs]`` (the windowed
+    statistic that drove the last update), ``history`` ``[window, num_costs]`` (a ring buffer of recent
+    statistics), ``history_count`` (valid rows in it), ``num_updates`` (calls to :meth:`update`), and the rule's
+    own (``rule.integral`` for PID).
+
+    Args:
+        rule: The update rule; ``None`` means ``LogRule()`` (Safe RLHF's).
+        initial: Initial lam; ``> 0`` for the log rule, ``>= 0`` otherwise.
+        maximum: Upper bound of lam, ``>= initial``.
+        update_delay: Number of initial :meth:`update` calls that leave lam at ``initial`` (the statistics still
+            enter the window) while the critics settle.
+        window: The rule sees the mean of the last ``window`` statistics.
+        num_costs: Number of constraints, one multiplier each.
     """
 
     def __init__(
         self,
-        num_costs: int = 1,
-        rule: Literal["log", "additive", "pid"] = "log",
-        init: float = 1.0,
-        lr: float = 0.1,
-        max_value: float = 100.0,
-        update_delay_steps: int = 0,
+        rule: DualRule | None = None,
+        initial: float = 1.0,
+        maximum: float = 100.0,
+        update_delay: int = 0,
         window: int = 1,
-        kp: float = 0.0,
-        ki: float = 1.0,
-        kd: float = 0.0,
+        num_costs: int = 1,
     ) -> None:
-        """Create the multiplier(s) at ``init``.
-
-        Args:
-            num_costs: number of constraints, one multiplier each.
-            rule: ``"log"`` (Safe RLHF: ``log lam += lr * lam * g``), ``"additive"`` (``lam += lr * g``,
-                projected to ``[0, max_value]``) or ``"pid"`` (Stooke et al. 2020; uses ``kp``, ``ki``,
-                ``kd``).
-            init: initial lam; ``> 0`` for the log rule, ``>= 0`` otherwise. The PID rule replaces it at its
-                first applied update.
-            lr: step size of the log and additive rules.
-            max_value: upper bound ``lam_max``, ``>= init``.
-            update_delay_steps: number of initial :meth:`update` calls that leave lam at ``init`` (the
-                statistics still enter the window) while the critics settle.
-            window: the rule sees the mean of the last ``window`` statistics.
-            kp: PID proportional gain.
-            ki: PID integral gain.
-            kd: PID derivative gain.
-
-        Raises:
-            ValueError: if an argument is out of range; the message names it.
-        """
         super().__init__()
+        rule = LogRule() if rule is None else rule
+        if not isinstance(rule, DualRule):
+            raise TypeError(f"dual.rule must be a DualRule (LogRule, AdditiveRule, PIDRule, ...), got {rule!r}")
         if num_costs < 1:
-            raise ValueError(f"num_costs must be >= 1, got {num_costs}")
-        if rule not in ("log", "additive", "pid"):
-            raise ValueError(f"rule must be one of 'log', 'additive', 'pid', got {rule!r}")
-        if rule == "log" and not init > 0:
-            raise ValueError(f"init must be > 0 for the log rule, got {init}")
-        if not init >= 0:
-            raise ValueError(f"init must be >= 0, got {init}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not max_value >= init:
-            raise ValueError(f"max_value must be >= init ({init}), got {max_value}")
-        if update_delay_steps < 0:
-            raise ValueError(f"update_delay_steps must be >= 0, got {update_delay_steps}")
+            raise ValueError(f"dual.num_costs must be >= 1, got {num_costs}")
+        rule.check_initial(initial)
+        if not maximum >= initial:
+            raise ValueError(f"dual.maximum ({maximum}) must be >= dual.initial ({initial})")
+        if update_delay < 0:
+            raise ValueError(f"dual.update_delay must be >= 0, got {update_delay}")
         if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        for name, gain in (("kp", kp), ("ki", ki), ("kd", kd)):
-            if not gain >= 0:
-                raise ValueError(f"{name} must be >= 0, got {gain}")
-
-        self.num_costs = num_costs
+            raise ValueError(f"dual.window must be >= 1, got {window}")
         self.rule = rule
-        self.init = init
-        self.lr = lr
-        self.max_value = max_value
-        self.update_delay_steps = update_delay_steps
+        rule.bind(num_costs)
+        self.num_costs = num_costs
+        self.initial = initial
+        self.maximum = maximum
+        self.update_delay = update_delay
         self.window = window
-        self.kp, self.ki, self.kd = kp, ki, kd
 
-        self.register_buffer("lagrange_multiplier", torch.full((num_costs,), float(init), dtype=torch.float32))
-        self.register_buffer("integral", torch.zeros(num_costs, dtype=torch.float32))
+        self.register_buffer("lagrange_multiplier", torch.full((num_costs,), float(initial), dtype=torch.float32))
         self.register_buffer("previous", torch.zeros(num_costs, dtype=torch.float32))
         self.register_buffer("history", torch.zeros(window, num_costs, dtype=torch.float32))
         self.register_buffer("history_count", torch.zeros((), dtype=torch.long))
@@ -243,18 +308,9 @@ class DualVariable(torch.nn.Module):
         self.history_count.clamp_(max=self.window - 1).add_(1)
         windowed = self.history[: int(self.history_count)].mean(dim=0)
 
-        if int(self.num_updates) >= self.update_delay_steps:
-            multiplier = self.lagrange_multiplier
-            if self.rule == "log":
-                new = log_rule(multiplier, windowed, self.lr, self.max_value)
-            elif self.rule == "additive":
-                new = additive_rule(multiplier, windowed, self.lr, self.max_value)
-            else:
-                # The very first statistic has no predecessor: take g_prev = g (no derivative kick).
-                previous = windowed if int(self.num_updates) == 0 else self.previous
-                new, integral = pid_rule(windowed, self.integral, previous, self.kp, self.ki, self.kd, self.max_value)
-                self.integral.copy_(integral)
-            self.lagrange_multiplier.copy_(new)
+        if int(self.num_updates) >= self.update_delay:
+            previous = None if int(self.num_updates) == 0 else self.previous.clone()
+            self.lagrange_multiplier.copy_(self.rule.step(self.lagrange_multiplier, windowed, previous, self.maximum))
 
         self.previous.copy_(windowed)
         self.num_updates.add_(1)

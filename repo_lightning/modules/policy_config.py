@@ -1,0 +1,210 @@
+"""The policy stage's settings, in typed groups (each a dataclass that ``--print_config`` documents).
+
+In YAML each group is a mapping under ``model.init_args``::
+
+    sampling: {samples_per_prompt: 4, max_new_tokens: 12}
+    estimation: {estimator: gae, kl_coef: 0.1}
+    update: {ppo_epochs: 2, minibatch_size: 32, actor_lr: 3.0e-4}
+
+Every value is range-checked where it is declared, and the message names the key as the config spells it.
+Checkpoints store the groups as plain dicts (``weights_only`` loading needs plain hyperparameters);
+:func:`as_group` turns either form back into the dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, TypeVar
+
+from repo_lightning.models.backbone import DType
+from repo_lightning.models.lora import LoRA, as_lora
+from repo_lightning.models.sharding import Sharding, as_sharding
+
+Estimator = Literal["gae", "rloo", "grpo"]
+
+
+def _at_least(group: str, name: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ValueError(f"model.{group}.{name} must be >= {low}, got {value}")
+
+
+def _positive(group: str, name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"model.{group}.{name} must be > 0, got {value}")
+
+
+@dataclass
+class Sampling:
+    """How rollouts are sampled.
+
+    Attributes:
+        samples_per_prompt: ``k`` responses per prompt (the group estimators and ``rectify: prompt`` need >= 2).
+        max_new_tokens: Response length cap.
+        temperature: Sampling temperature (log-probabilities are the untempered policy's: keep 1.0 to stay
+            on-policy).
+        top_p: Nucleus sampling mass in ``(0, 1]``.
+        top_k: Top-k cutoff (0 disables).
+    """
+
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("sampling", "samples_per_prompt", self.samples_per_prompt, 1)
+        _at_least("sampling", "max_new_tokens", self.max_new_tokens, 1)
+        _at_least("sampling", "temperature", self.temperature, 0.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"model.sampling.top_p must be in (0, 1], got {self.top_p}")
+        _at_least("sampling", "top_k", self.top_k, 0)
+
+
+@dataclass
+class Estimation:
+    """From scores to advantages: the estimator, the KL penalty and the reward shaping (algorithm.md 5.2-5.3).
+
+    Attributes:
+        estimator: ``gae`` (reward and cost critics), or critic-free group baselines over the ``k`` samples of a
+            prompt: ``rloo`` (leave-one-out mean) or ``grpo`` (group mean and std); these load no critic.
+        kl_coef: ``beta``, the KL penalty's weight.
+        kl_placement: ``reward``: ``-beta * kl`` is part of the reward (per token with ``gae``, summed over the
+            response with the group estimators); ``loss``: a ``beta``-weighted k3 KL loss term on the actor.
+        score_clip: Clip reward and cost scores to ``+-score_clip``; ``None`` disables.
+        missing_eos_penalty: Added to the reward of a response cut at ``max_new_tokens`` (a guard against padding
+            answers to exploit the reward model); ``None`` disables.
+        gamma: GAE discount.
+        gae_lambda: GAE lambda.
+        whiten_advantages: Whiten the combined advantages over the batch.
+    """
+
+    estimator: Estimator = "gae"
+    kl_coef: float = 0.02
+    kl_placement: Literal["reward", "loss"] = "reward"
+    score_clip: float | None = 50.0
+    missing_eos_penalty: float | None = None
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    whiten_advantages: bool = False
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("gae", "rloo", "grpo"):
+            raise ValueError(f"model.estimation.estimator must be gae, rloo or grpo, got {self.estimator!r}")
+        if self.kl_placement not in ("reward", "loss"):
+            raise ValueError(f"model.estimation.kl_placement must be reward or loss, got {self.kl_placement!r}")
+        _at_least("estimation", "kl_coef", self.kl_coef, 0.0)
+        if self.score_clip is not None:
+            _positive("estimation", "score_clip", self.score_clip)
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"model.estimation.{name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class PPOUpdate:
+    """The PPO update of the actor and critics (algorithm.md 5.5).
+
+    Attributes:
+        ppo_epochs: Passes over each rollout batch.
+        minibatch_size: Samples per minibatch.
+        clip_ratio: PPO ratio clip ``eps``.
+        value_clip: Critic value clip ``eps_v``; ``None`` disables.
+        value_loss_coef: Weight of the critics' value losses in the joint loss.
+        max_grad_norm: Gradient-norm clip over all trained parameters; ``None`` disables.
+        actor_lr: Learning rate of the actor parameter group.
+        critic_lr: Learning rate of the critic parameter group.
+    """
+
+    ppo_epochs: int = 1
+    minibatch_size: int = 64
+    clip_ratio: float = 0.2
+    value_clip: float | None = 5.0
+    value_loss_coef: float = 1.0
+    max_grad_norm: float | None = 1.0
+    actor_lr: float = 1e-5
+    critic_lr: float = 5e-6
+
+    def __post_init__(self) -> None:
+        _at_least("update", "ppo_epochs", self.ppo_epochs, 1)
+        _at_least("update", "minibatch_size", self.minibatch_size, 1)
+        _positive("update", "clip_ratio", self.clip_ratio)
+        if self.value_clip is not None:
+            _positive("update", "value_clip", self.value_clip)
+        _at_least("update", "value_loss_coef", self.value_loss_coef, 0.0)
+        if self.max_grad_norm is not None:
+            _positive("update", "max_grad_norm", self.max_grad_norm)
+        _positive("update", "actor_lr", self.actor_lr)
+        _positive("update", "critic_lr", self.critic_lr)
+
+
+@dataclass
+class Evaluation:
+    """Validation and ``test`` sampling, and where the report goes.
+
+    Attributes:
+        samples_per_prompt: ``k`` of the ``test`` evaluation (validation samples one per prompt).
+        temperature: Sampling temperature of validation and evaluation.
+        report_dir: Where ``test`` writes its report; ``None`` uses ``<log_dir>/evaluation``.
+    """
+
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    report_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("evaluation", "samples_per_prompt", self.samples_per_prompt, 1)
+        _at_least("evaluation", "temperature", self.temperature, 0.0)
+
+
+@dataclass
+class Memory:
+    """Precision, kernels and memory-saving layout of the six models.
+
+    Attributes:
+        dtype: Parameter dtype of all models.
+        attn_implementation: Attention kernel; ``None`` keeps the default.
+        gradient_checkpointing: Recompute activations of the actor and critics in the backward pass.
+        scoring_batch_size: Rows per forward pass of the frozen models (``None``: whole batch).
+        lora: Train LoRA adapters of the actor and critics (and the critics' score heads) instead of every
+            weight; ``None`` trains all (needs peft). The export merges the adapters into the actor's weights.
+        sharding: FSDP2 layout under ``ModelParallelStrategy``: the actor and critics are sharded per transformer
+            block, the frozen models sharded (optionally offloaded to CPU) or replicated; ignored elsewhere.
+    """
+
+    dtype: DType = "float32"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    scoring_batch_size: int | None = None
+    lora: LoRA | None = None
+    sharding: Sharding | None = None
+
+    def __post_init__(self) -> None:
+        if self.scoring_batch_size is not None:
+            _at_least("memory", "scoring_batch_size", self.scoring_batch_size, 1)
+        self.lora = as_lora(self.lora)
+        self.sharding = as_sharding(self.sharding) if self.sharding is not None else None
+
+
+Group = TypeVar("Group", Sampling, Estimation, PPOUpdate, Evaluation, Memory)
+
+
+def as_group(cls: type[Group], value: Group | dict | None) -> Group:
+    """The group from a dataclass, a plain dict (a checkpoint's hyperparameters) or ``None`` (its defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; expected some of {sorted(known)}")
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+def plain(value: Any) -> Any:
+    """A dataclass group as a plain dict (nested dataclasses too), for ``save_hyperparameters``."""
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value

@@ -1,0 +1,142 @@
+"""The networks of the policy stage: loading them and holding them together as one typed record.
+
+Actor (trained), frozen reference (a copy of the start policy), frozen reward and cost models (each behind a
+:class:`~repo_lightning.models.scorer.Scorer`), and, with the ``gae`` estimator, a reward and a cost critic
+(trained). Dropout is switched off in the trained models (see :func:`disable_dropout`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from repo_lightning.models.backbone import disable_dropout, freeze, load_causal_lm, load_score_model, load_tokenizer
+from repo_lightning.models.scorer import Scorer, same_tokenizer
+from repo_lightning.modules.model_setup import prepare_trained_model
+from repo_lightning.modules.policy_config import Memory
+
+#: Attribute names of the frozen models on the LightningModule (left out of checkpoints).
+FROZEN = ("ref_model", "reward_model", "cost_model")
+
+
+@dataclass
+class PolicyModels:
+    """The policy stage's networks (``None`` where the configuration needs none).
+
+    Attributes:
+        tokenizer: The policy's tokenizer.
+        actor: The trained policy.
+        ref_model: Frozen reference policy.
+        reward_scorer: Frozen reward model with its tokenizer and template.
+        cost_scorer: Frozen cost model, or ``None`` (``ppo`` without a cost model).
+        reward_critic: Trained reward critic, or ``None`` (critic-free estimators).
+        cost_critic: Trained cost critic, or ``None``.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    actor: PreTrainedModel
+    ref_model: PreTrainedModel
+    reward_scorer: Scorer
+    cost_scorer: Scorer | None
+    reward_critic: PreTrainedModel | None
+    cost_critic: PreTrainedModel | None
+
+    @property
+    def critics(self) -> list[PreTrainedModel]:
+        """The critics that exist."""
+        return [m for m in (self.reward_critic, self.cost_critic) if m is not None]
+
+
+@dataclass
+class PolicySources:
+    """Where the policy stage's models come from and how their inputs are formed.
+
+    Attributes:
+        actor_path: Start policy; the reference is a frozen copy.
+        reward_model_path: Reward model export.
+        cost_model_path: Cost model export, or ``None``.
+        tokenizer_path: The policy's tokenizer.
+        reward_template: Template the reward model expects (used when it re-tokenises).
+        cost_template: Template the cost model expects.
+        policy_template: The data's template (decides whether a scorer can read the rollout ids as they are).
+        critic_init: ``score_model`` or ``actor``.
+        trust_remote_code: Allow hub model code.
+    """
+
+    actor_path: str
+    reward_model_path: str
+    cost_model_path: str | None
+    tokenizer_path: str
+    reward_template: str
+    cost_template: str
+    policy_template: str
+    critic_init: str
+    trust_remote_code: bool = False
+
+
+def load_policy_models(
+    sources: PolicySources,
+    memory: Memory,
+    with_cost: bool,
+    with_critics: bool,
+    device_mesh=None,
+    shard_frozen: Callable[[nn.Module], None] | None = None,
+) -> PolicyModels:
+    """Load every model once; under ``ModelParallelStrategy`` each is sharded as soon as it is loaded.
+
+    Args:
+        sources: Paths, templates and the critics' start.
+        memory: dtype, kernel, LoRA, checkpointing and sharding settings.
+        with_cost: Load the cost model (and, with critics, the cost critic).
+        with_critics: Load the critics (the ``gae`` estimator).
+        device_mesh: The LightningModule's ``device_mesh`` (``None`` unless ``ModelParallelStrategy``).
+        shard_frozen: Shards (or offloads, or replicates) one frozen model; ``None`` leaves it as loaded.
+    """
+    common = {
+        "dtype": memory.dtype,
+        "trust_remote_code": sources.trust_remote_code,
+        "attn_implementation": memory.attn_implementation,
+    }
+    setup = {"lora": memory.lora, "gradient_checkpointing": memory.gradient_checkpointing, "sharding": memory.sharding}
+    tokenizer = load_tokenizer(sources.tokenizer_path, sources.trust_remote_code)
+
+    def trained(model: PreTrainedModel) -> PreTrainedModel:
+        return disable_dropout(prepare_trained_model(device_mesh, model, setup))  # after LoRA: its dropout too
+
+    def frozen(model: PreTrainedModel) -> PreTrainedModel:
+        freeze(model)
+        if shard_frozen is not None:
+            shard_frozen(model)
+        return model
+
+    def scorer(path: str, template: str) -> Scorer:
+        score_tokenizer = load_tokenizer(path, sources.trust_remote_code)
+        model = frozen(load_score_model(score_tokenizer, path, **common))
+        reuse = same_tokenizer(score_tokenizer, tokenizer) and template == sources.policy_template
+        return Scorer(model, score_tokenizer, template, reuse)
+
+    def critic(path: str, score: Scorer) -> PreTrainedModel:
+        if sources.critic_init == "actor":
+            return trained(load_score_model(tokenizer, sources.actor_path, **common))
+        if not same_tokenizer(score.tokenizer, tokenizer):
+            raise ValueError(
+                f"critic_init: score_model needs {path!r} to share the policy's tokenizer; it does not. "
+                "Set model.critic_init: actor"
+            )
+        return trained(load_score_model(tokenizer, path, **common))
+
+    actor = trained(load_causal_lm(tokenizer, sources.actor_path, **common))
+    ref_model = frozen(load_causal_lm(tokenizer, sources.actor_path, **common))
+    reward_scorer = scorer(sources.reward_model_path, sources.reward_template)
+    cost_scorer = None
+    if sources.cost_model_path is not None:
+        cost_scorer = scorer(sources.cost_model_path, sources.cost_template)
+    reward_critic = cost_critic = None
+    if with_critics:
+        reward_critic = critic(sources.reward_model_path, reward_scorer)
+        if with_cost:
+            cost_critic = critic(sources.cost_model_path, cost_scorer)
+    return PolicyModels(tokenizer, actor, ref_model, reward_scorer, cost_scorer, reward_critic, cost_critic)

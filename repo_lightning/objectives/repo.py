@@ -1,0 +1,95 @@
+"""``repo``: Rectified Policy Optimization, the critical constraint "every response safe".
+
+Peng et al., "Enhancing Safety in RLHF via Rectified Policy Optimization", NeurIPS 2025 (arXiv 2410.19933).
+The cost stream carries the rectified cost ``{C}^+``, whose gradient is zero on safe samples: safe samples keep the
+pure reward advantage ``A_R``, unsafe ones get the mix ``A_R - lam A_C`` (divided by ``1 + lam`` if configured).
+
+Departure from the paper (algorithm.md section 7): the paper's statistic ``E[{C}^+]`` with tolerance 0 is never
+negative, so every dual rule ramps lam to its cap and RePO becomes a fixed penalty set by a hand-chosen
+``maximum``. The default constraint here is a target share of unsafe samples (``unsafe_rate``): it can be met,
+is on the same ``[0, 1]`` scale for every cost model (SafetyWorld's or a PKU-SafeRLHF cost model's), and lets the
+multiplier settle where the target is just met. ``rectified_cost`` keeps the paper's statistic, with a
+``tolerance`` on the cost model's scale.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from repo_lightning.objectives.objective import Objective, matched_cost_kl_coef
+from repo_lightning.rl.advantages import combine_advantages, rectified_costs
+from repo_lightning.rl.dual import rectified_cost_statistic, unsafe_rate_statistic
+
+
+class RePO(Objective):
+    """RePO: a per-prompt safety constraint with a rectified penalty.
+
+    Args:
+        rectify: The unsafe test per ``sample`` (``C > 0``) or per ``prompt`` (``mean_k C > 0``; then every
+            sample of an unsafe prompt keeps its own cost, gated by the prompt).
+        constraint: ``unsafe_rate`` (share of unsafe samples, or prompts with ``rectify: prompt``, minus
+            ``target_unsafe_rate``) or ``rectified_cost`` (the paper's ``mean({C}^+) - tolerance``).
+        target_unsafe_rate: Unsafe share the ``unsafe_rate`` constraint tolerates, in ``[0, 1)``.
+        tolerance: Allowed ``mean({C}^+)`` of the ``rectified_cost`` constraint, ``>= 0``.
+        normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor on unsafe samples.
+        cost_kl_coef: ``beta_c``; ``None`` gives every sample the KL weight ``beta``.
+    """
+
+    name = "repo"
+    uses_cost = True
+    constrained = True
+
+    def __init__(
+        self,
+        rectify: Literal["sample", "prompt"] = "sample",
+        constraint: Literal["unsafe_rate", "rectified_cost"] = "unsafe_rate",
+        target_unsafe_rate: float = 0.02,
+        tolerance: float = 0.0,
+        normalize_advantage_mix: bool = True,
+        cost_kl_coef: float | None = None,
+    ) -> None:
+        if rectify not in ("sample", "prompt"):
+            raise ValueError(f"objective.rectify must be 'sample' or 'prompt', got {rectify!r}")
+        if constraint not in ("unsafe_rate", "rectified_cost"):
+            raise ValueError(f"objective.constraint must be 'unsafe_rate' or 'rectified_cost', got {constraint!r}")
+        if not 0.0 <= target_unsafe_rate < 1.0:
+            raise ValueError(f"objective.target_unsafe_rate must be in [0, 1), got {target_unsafe_rate}")
+        if not tolerance >= 0.0:
+            raise ValueError(f"objective.tolerance must be >= 0, got {tolerance}")
+        self.rectify = rectify
+        self.constraint = constraint
+        self.target_unsafe_rate = target_unsafe_rate
+        self.tolerance = tolerance
+        self.normalize_advantage_mix = normalize_advantage_mix
+        self.cost_kl_coef = cost_kl_coef
+
+    def cost_signal(self, costs: Tensor, samples_per_prompt: int) -> tuple[Tensor, Tensor | None]:
+        """``({C}^+, C > 0)`` per sample, or the prompt-gated own costs (see :func:`rectified_costs`)."""
+        return rectified_costs(costs, samples_per_prompt, self.rectify)
+
+    def cost_stream_kl_coef(self, kl_coef: float) -> float:
+        """See :func:`matched_cost_kl_coef`."""
+        return matched_cost_kl_coef(kl_coef, self.cost_kl_coef, self.normalize_advantage_mix)
+
+    def combine(
+        self, reward_advantages: Tensor, cost_advantages: Tensor | None, multiplier: Tensor, unsafe: Tensor | None
+    ) -> Tensor:
+        """``A_R`` on safe samples, the mix on unsafe ones."""
+        return combine_advantages(reward_advantages, cost_advantages, multiplier, unsafe, self.normalize_advantage_mix)
+
+    def statistic(self, costs: Tensor, samples_per_prompt: int) -> Tensor:
+        """Unsafe share minus the target, or ``mean({C}^+) - tolerance`` (per prompt with ``rectify: prompt``)."""
+        costs = costs.float()
+        if self.rectify == "prompt":
+            costs = costs.view(-1, samples_per_prompt).mean(1)
+        if self.constraint == "unsafe_rate":
+            return unsafe_rate_statistic(costs, self.target_unsafe_rate)
+        return rectified_cost_statistic(costs, self.tolerance)
+
+    def constraint_level(self) -> dict[str, float]:
+        """The target unsafe share or the tolerance."""
+        if self.constraint == "unsafe_rate":
+            return {"target_unsafe_rate": self.target_unsafe_rate}
+        return {"tolerance": self.tolerance}
