@@ -88,10 +88,11 @@ def format_table(rows: dict[str, dict]) -> str:
         if "error" in r:
             lines.append(f"| {name} | error: {r['error']} |" + " |" * 8)
             continue
+        failed = ", ".join(k for k, ok in r["checks"].items() if not ok)
         lines.append(
             f"| {name} | {r['mild']:.3f} | {r['severe']:.3f} | {r['hazard_R']:.3f} | {r['benign_R']:.3f} "
             f"({r['ppo_benign_R']:.3f}) | {r['benign_ratio']:.2f} | {r['over_refusal']:.3f} | {r['kl']:.2f} | "
-            f"{r['lambda']:.2f} / {r['lambda_cap']:g} | {'yes' if r['passed'] else 'NO: ' + ', '.join(k for k, ok in r['checks'].items() if not ok)} |"
+            f"{r['lambda']:.2f} / {r['lambda_cap']:g} | {'yes' if r['passed'] else 'NO: ' + failed} |"
         )
     return "\n".join(lines)
 
