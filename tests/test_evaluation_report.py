@@ -228,3 +228,35 @@ def test_format_table_one_column_per_summary():
     assert len(format_table({"sft": sft, "repo": repo}).strip().splitlines()) == 2 + len(sft)
     with pytest.raises(ValueError):
         format_table({})
+
+
+def test_missed_unsafe_rate_counts_truly_unsafe_answers_the_cost_model_calls_safe():
+    from repo_lightning.evaluation import PromptResult, summarize
+
+    def result(index, kind, costs, true_costs):
+        n = len(costs)
+        return PromptResult(
+            index=index,
+            prompt="p",
+            responses=["r"] * n,
+            rewards=[0.0] * n,
+            costs=costs,
+            kl=[0.0] * n,
+            lengths=[1] * n,
+            kind=kind,
+            true_rewards=[0.0] * n,
+            true_costs=true_costs,
+            refusals=[False] * n,
+        )
+
+    # Truly unsafe: (0.5 | C=-1), (0.1 | C=2), (1.0 | C=0) -> learned calls 2 of 3 safe (C <= 0); benign has none.
+    results = [
+        result(0, "hazard_mild", [-1.0, 2.0], [0.5, 0.1]),
+        result(1, "hazard_severe", [0.0, -3.0], [1.0, -0.2]),
+        result(2, "benign", [1.0, -1.0], [-0.1, -0.1]),
+    ]
+    summary = summarize(results)
+    assert summary["missed_unsafe_rate"] == pytest.approx(2 / 3)
+    assert summary["missed_unsafe_rate/hazard_mild"] == pytest.approx(1 / 2)
+    assert summary["missed_unsafe_rate/hazard_severe"] == pytest.approx(1.0)
+    assert "missed_unsafe_rate/benign" not in summary

@@ -124,25 +124,51 @@ def load_score_model(
     dtype: DType = "float32",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    num_labels: int | None = 1,
 ) -> PreTrainedModel:
-    """Load or build a scalar score model (``AutoModelForSequenceClassification`` with ``num_labels=1``).
+    """Load or build a score model (``AutoModelForSequenceClassification``), one output per ensemble head.
 
     Loading from a causal-LM folder (the SFT export) keeps the backbone and initialises a fresh score head.
-    Arguments as in :func:`load_causal_lm`.
+    ``num_labels=None`` keeps the saved model's number of heads (a cost-model ensemble scores with all of them);
+    ``num_labels=1`` from a saved ensemble keeps the backbone and gives the one head the mean of the saved heads
+    (a critic initialised from an ensemble cost model). Other arguments as in :func:`load_causal_lm`.
     """
     _check_source(model_name_or_path, model_config)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if model_name_or_path is not None:
-        model = _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, num_labels=1, **kwargs)
+        saved = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        is_score_model = any(a.endswith("ForSequenceClassification") for a in (saved.architectures or []))
+        heads = saved.num_labels if is_score_model else (num_labels or 1)
+        model = _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, num_labels=heads, **kwargs)
+        if num_labels is not None and heads != num_labels:
+            if num_labels != 1:
+                raise ValueError(
+                    f"{model_name_or_path!r} has {heads} score heads; it can be loaded with all of them or as one "
+                    f"(their mean), not as {num_labels}"
+                )
+            _collapse_heads(model)
     else:
-        config = _config_from_dict(model_config, tokenizer, 1)
+        config = _config_from_dict(model_config, tokenizer, num_labels or 1)
         model = AutoModelForSequenceClassification.from_config(config, **kwargs)
     if model.config.pad_token_id is None:
         # HF's own pooling finds the last token through pad_token_id; keep it equal to ours.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.train()
+
+
+def _collapse_heads(model: PreTrainedModel) -> None:
+    """Replace an ``E``-output score head by one output, the mean of the ``E`` heads."""
+    head = score_head(model)
+    single = nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype)
+    with torch.no_grad():
+        single.weight.copy_(head.weight.mean(0, keepdim=True))
+        if head.bias is not None:
+            single.bias.copy_(head.bias.mean(0, keepdim=True))
+    model.score = single
+    model.config.num_labels = 1
+    model.num_labels = 1
 
 
 def score_head(model: PreTrainedModel) -> nn.Module:
@@ -164,6 +190,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Score head applied at every position: ``[B, L]`` ids -> ``[B, L]`` float32 scores (critic values).
 
+    A model with ``E > 1`` heads (an ensemble) gives ``[B, L, E]``.
+
     The model runs through its own (root) ``forward`` and the head's per-position output is read with a hook: a
     model sharded with FSDP2 gathers its weights in the hooks of the modules it is called through, so calling the
     backbone and head separately would find the root's weights (embeddings, head) still sharded.
@@ -179,7 +207,8 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
         )
     finally:
         handle.remove()
-    return captured[0].squeeze(-1).float()
+    scores = captured[0].float()
+    return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -189,7 +218,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score of each sequence, read at its last attended token: ``[B, L]`` -> ``[B]`` float32.
+    """Scalar score of each sequence, read at its last attended token: ``[B, L]`` -> ``[B]`` (``[B, E]``) float32.
 
     This is the project's one score readout: reward/cost training, rollout scoring and evaluation all use it.
     It equals ``model(input_ids, attention_mask).logits[:, 0]`` for right-padded input whenever the tokenizer's
@@ -198,7 +227,8 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     and reads the token before the final eos; this function reads the eos itself, as the model was trained.
     """
     scores = token_scores(model, input_ids, attention_mask)
-    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, last_token_index(attention_mask)]  # [B], or [B, E] for an ensemble
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

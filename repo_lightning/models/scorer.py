@@ -8,6 +8,7 @@ with the score model's tokenizer and the prompt template it was trained with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,6 +35,8 @@ class Scorer:
         template: Its prompt template (used only when re-tokenising).
         reuse_policy_ids: True when tokenizer and template equal the policy's, so rollout ids are scored as is.
         max_length: Longest re-tokenised input.
+        aggregate: How an ensemble's heads become one score (see :func:`aggregate_heads`).
+        kappa: The ``mean_plus_std`` weight of the heads' spread.
     """
 
     model: PreTrainedModel
@@ -41,6 +44,32 @@ class Scorer:
     template: str
     reuse_policy_ids: bool
     max_length: int = 2048
+    aggregate: Literal["mean", "mean_plus_std", "max"] = "mean"
+    kappa: float = 1.0
+
+
+def aggregate_heads(scores: torch.Tensor, how: str = "mean", kappa: float = 1.0) -> torch.Tensor:
+    """One score per sample from an ensemble's ``[N, E]`` scores (``[N]`` passes through unchanged).
+
+    For a cost, ``mean_plus_std`` (``mean + kappa * std``, uncertainty-weighted) and ``max`` (worst case) are the
+    conservative choices: the cost-side mirror of UWO and WCO in Coste et al., "Reward Model Ensembles Help
+    Mitigate Overoptimization", ICLR 2024. A sample the heads disagree on counts as less safe, so the policy
+    cannot profit from the part of the cost model's error that the ensemble can see.
+
+    Args:
+        scores: ``[N]`` or ``[N, E]``.
+        how: ``mean``, ``mean_plus_std`` or ``max``.
+        kappa: Weight of the (unbiased) std across heads for ``mean_plus_std``.
+    """
+    if scores.dim() == 1:
+        return scores
+    if how == "mean":
+        return scores.mean(1)
+    if how == "mean_plus_std":
+        return scores.mean(1) + kappa * scores.std(1)
+    if how == "max":
+        return scores.amax(1)
+    raise ValueError(f"aggregate must be mean, mean_plus_std or max, got {how!r}")
 
 
 def decode_responses(
@@ -79,7 +108,7 @@ def score_samples(
     responses: list[str] | None = None,
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Score ``N`` prompt+response samples: ``[N]`` float32.
+    """Score ``N`` prompt+response samples: ``[N]`` float32, or ``[N, E]`` for an ensemble of ``E`` heads.
 
     Args:
         scorer: The frozen score model.

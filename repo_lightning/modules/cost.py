@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -41,6 +43,10 @@ class CostModule(L.LightningModule):
         regularization: Weight of the score-magnitude penalty.
         oracle_margin: In ``test`` with ground truth, the oracle ranking accuracy counts pairs whose true costs
             differ by at least this much.
+        ensemble_size: Number of cost heads on the shared backbone (``E``). With ``E > 1`` each head is trained
+            on its own bootstrap resample of every batch (Poisson(1) weight per pair and head, seeded by epoch and
+            batch), the export has ``E`` outputs, metrics use the heads' mean, and the policy stage aggregates
+            them as ``model.scoring`` says (e.g. conservatively, mean + kappa * std).
         optimizer: Optimizer factory.
         warmup_steps: Linear warm-up steps.
         export_dir: Where the model is written in Hugging Face layout at the end of ``fit``.
@@ -59,11 +65,14 @@ class CostModule(L.LightningModule):
         sharding: Sharding | None = None,
         regularization: float = 0.0,
         oracle_margin: float = 0.5,
+        ensemble_size: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        if ensemble_size < 1:
+            raise ValueError(f"model.init_args.ensemble_size must be >= 1, got {ensemble_size}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer = optimizer
         self.model = None
@@ -73,7 +82,7 @@ class CostModule(L.LightningModule):
         self.accuracy = nn.ModuleDict({s: BinaryAccuracy(dist_sync_on_step=s == "train_") for s in _SPLITS})
         self.sign_accuracy = nn.ModuleDict({s: BinaryAccuracy(dist_sync_on_step=s == "train_") for s in _SPLITS})
         self.cost_mean = nn.ModuleDict({s: MeanMetric(dist_sync_on_step=s == "train_") for s in _SPLITS})
-        self.unsafe_share = nn.ModuleDict({s: MeanMetric(dist_sync_on_step=s == "train_") for s in _SPLITS})
+        self.unsafe_response_rate = nn.ModuleDict({s: MeanMetric(dist_sync_on_step=s == "train_") for s in _SPLITS})
         self.oracle_sign_accuracy = BinaryAccuracy()
         self.oracle_accuracy = BinaryAccuracy()
 
@@ -81,35 +90,58 @@ class CostModule(L.LightningModule):
         """Build the score model once, before sharding and optimizer creation."""
         if self.model is not None:
             return
-        self.tokenizer, self.model = build_stage_model(self, load_score_model)
+        loader = functools.partial(load_score_model, num_labels=self.hparams.ensemble_size)
+        self.tokenizer, self.model = build_stage_model(self, loader)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
-        """Costs of both responses of each pair, ``[B, 2]``."""
-        return pair_scores(self.model, batch)
+        """Costs of both responses of each pair, ``[B, 2]`` (the mean of the heads of an ensemble)."""
+        heads = pair_scores(self.model, batch)
+        return heads.mean(-1) if heads.dim() == 3 else heads
 
-    def _step(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        costs = self(batch)
-        safer, unsafer = pick(costs, batch.safer_response_id)
+    def _bootstrap_weights(self, num_pairs: int, batch_idx: int) -> torch.Tensor:
+        """``[B, E]`` Poisson(1) weights, seeded by (epoch, batch): a resumed run draws the same ones."""
+        generator = torch.Generator().manual_seed(1_000_003 * self.current_epoch + batch_idx)
+        rates = torch.ones(num_pairs, self.hparams.ensemble_size)
+        return torch.poisson(rates, generator=generator).to(self.device)
+
+    def _step(self, batch: PreferenceBatch, split: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = pair_scores(self.model, batch)
+        heads = heads if heads.dim() == 3 else heads.unsqueeze(-1)  # [B, 2, E]
+        costs = heads.mean(-1)
         safer_is_safe, unsafer_is_safe = pick(batch.is_safe.long(), batch.safer_response_id)
-        loss, _ = cost_model_loss(
-            safer, unsafer, safer_is_safe.bool(), unsafer_is_safe.bool(), self.hparams.regularization
-        )
+        weights = None
+        if heads.shape[-1] > 1 and split == "train":
+            weights = self._bootstrap_weights(batch.num_pairs, batch_idx)
+        losses = []
+        for e in range(heads.shape[-1]):
+            safer, unsafer = pick(heads[..., e], batch.safer_response_id)
+            head_loss, _ = cost_model_loss(
+                safer,
+                unsafer,
+                safer_is_safe.bool(),
+                unsafer_is_safe.bool(),
+                self.hparams.regularization,
+                None if weights is None else weights[:, e],
+            )
+            losses.append(head_loss)
+        loss = torch.stack(losses).mean()
+        safer, unsafer = pick(costs, batch.safer_response_id)
         key = f"{split}_"
         self.accuracy[key]((unsafer > safer).long(), torch.ones_like(safer, dtype=torch.long))
         self.sign_accuracy[key]((costs > 0).long().flatten(), (~batch.is_safe).long().flatten())
         self.cost_mean[key](costs.flatten())
-        self.unsafe_share[key]((costs > 0).float().flatten())
+        self.unsafe_response_rate[key]((costs > 0).float().flatten())
         size = batch.num_pairs
         self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log(f"{split}/accuracy", self.accuracy[key], prog_bar=True, batch_size=size)
         self.log(f"{split}/sign_accuracy", self.sign_accuracy[key], prog_bar=True, batch_size=size)
         self.log(f"{split}/cost_mean", self.cost_mean[key], batch_size=size)
-        self.log(f"{split}/unsafe_share", self.unsafe_share[key], batch_size=size)
+        self.log(f"{split}/unsafe_response_rate", self.unsafe_response_rate[key], batch_size=size)
         return loss, costs
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         """One cost-model step."""
-        return self._step(batch, "train")[0]
+        return self._step(batch, "train", batch_idx)[0]
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         """Held-out ranking and sign accuracy."""
@@ -137,4 +169,5 @@ class CostModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Write the cost model and tokenizer in Hugging Face layout."""
         if self.hparams.export_dir:
-            export_from_trainer(self.trainer, self.model, self.tokenizer, self.hparams.export_dir, {"stage": "cost"})
+            metadata = {"stage": "cost", "ensemble_size": self.hparams.ensemble_size}
+            export_from_trainer(self.trainer, self.model, self.tokenizer, self.hparams.export_dir, metadata)

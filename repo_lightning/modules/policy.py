@@ -25,7 +25,16 @@ from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.evaluation import PromptResult, summarize
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.sharding import as_sharding, move_offloaded_to_cpu, shard_models
-from repo_lightning.modules.policy_config import Estimation, Evaluation, Memory, PPOUpdate, Sampling, as_group, plain
+from repo_lightning.modules.policy_config import (
+    Estimation,
+    Evaluation,
+    Memory,
+    PPOUpdate,
+    Sampling,
+    Scoring,
+    as_group,
+    plain,
+)
 from repo_lightning.modules.policy_evaluation import gather_results, write_policy_report
 from repo_lightning.modules.policy_models import FROZEN, PolicySources, load_policy_models
 from repo_lightning.modules.policy_steps import compute_advantages, ppo_update, prompt_results, rollout_metrics
@@ -55,6 +64,7 @@ class PolicyModule(L.LightningModule):
         update: PPO epochs, minibatches, clips, learning rates.
         evaluation: Validation / ``test`` sampling and the report folder.
         memory: dtype, attention kernel, activation checkpointing, scoring chunks, LoRA, FSDP2 layout.
+        scoring: How a cost-model ensemble's heads become one cost (mean, mean + kappa * std, or max).
         optimizer: Optimizer factory; called with the actor's (and, with critics, the critics') parameter group.
         export_dir: Where the trained actor is written in Hugging Face layout at the end of ``fit``.
         trust_remote_code: Allow hub model code.
@@ -77,6 +87,7 @@ class PolicyModule(L.LightningModule):
         update: PPOUpdate | None = None,
         evaluation: Evaluation | None = None,
         memory: Memory | None = None,
+        scoring: Scoring | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
@@ -91,6 +102,7 @@ class PolicyModule(L.LightningModule):
         self.update_config = as_group(PPOUpdate, update)
         self.evaluation = as_group(Evaluation, evaluation)
         self.memory = as_group(Memory, memory)
+        self.scoring = as_group(Scoring, scoring)
         if self.objective.uses_cost and cost_model_path is None:
             raise ValueError(f"model.cost_model_path is required for objective {self.objective.name!r}")
         k = self.sampling.samples_per_prompt
@@ -148,6 +160,7 @@ class PolicyModule(L.LightningModule):
         self.models = load_policy_models(
             sources,
             self.memory,
+            self.scoring,
             with_cost=self.objective.uses_cost,
             with_critics=self.estimation.estimator == "gae",
             device_mesh=self.device_mesh,

@@ -187,7 +187,29 @@ class Memory:
         self.sharding = as_sharding(self.sharding) if self.sharding is not None else None
 
 
-Group = TypeVar("Group", Sampling, Estimation, PPOUpdate, Evaluation, Memory)
+@dataclass
+class Scoring:
+    """How the frozen scorers' outputs become one reward and one cost per sample.
+
+    Attributes:
+        cost_aggregate: For a cost model with several heads (``model.ensemble_size`` of the cost stage): ``mean``,
+            ``mean_plus_std`` (``mean + cost_kappa * std`` across heads: conservative where the heads disagree) or
+            ``max`` (worst case). A one-head cost model is used as it is.
+        cost_kappa: Weight of the heads' spread for ``mean_plus_std``, ``>= 0``.
+    """
+
+    cost_aggregate: Literal["mean", "mean_plus_std", "max"] = "mean"
+    cost_kappa: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cost_aggregate not in ("mean", "mean_plus_std", "max"):
+            raise ValueError(
+                f"model.scoring.cost_aggregate must be mean, mean_plus_std or max, got {self.cost_aggregate!r}"
+            )
+        _at_least("scoring", "cost_kappa", self.cost_kappa, 0.0)
+
+
+Group = TypeVar("Group", Sampling, Estimation, PPOUpdate, Evaluation, Memory, Scoring)
 
 
 def as_group(cls: type[Group], value: Group | dict | None) -> Group:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from repo_lightning.models.backbone import disable_dropout, freeze, load_causal_lm, load_score_model, load_tokenizer
 from repo_lightning.models.scorer import Scorer, same_tokenizer
 from repo_lightning.modules.model_setup import prepare_trained_model
-from repo_lightning.modules.policy_config import Memory
+from repo_lightning.modules.policy_config import Memory, Scoring
 
 #: Attribute names of the frozen models on the LightningModule (left out of checkpoints).
 FROZEN = ("ref_model", "reward_model", "cost_model")
@@ -80,6 +80,7 @@ class PolicySources:
 def load_policy_models(
     sources: PolicySources,
     memory: Memory,
+    scoring: Scoring,
     with_cost: bool,
     with_critics: bool,
     device_mesh=None,
@@ -90,6 +91,7 @@ def load_policy_models(
     Args:
         sources: Paths, templates and the critics' start.
         memory: dtype, kernel, LoRA, checkpointing and sharding settings.
+        scoring: How a cost ensemble's heads are aggregated.
         with_cost: Load the cost model (and, with critics, the cost critic).
         with_critics: Load the critics (the ``gae`` estimator).
         device_mesh: The LightningModule's ``device_mesh`` (``None`` unless ``ModelParallelStrategy``).
@@ -112,11 +114,11 @@ def load_policy_models(
             shard_frozen(model)
         return model
 
-    def scorer(path: str, template: str) -> Scorer:
+    def scorer(path: str, template: str, aggregate: str = "mean") -> Scorer:
         score_tokenizer = load_tokenizer(path, sources.trust_remote_code)
-        model = frozen(load_score_model(score_tokenizer, path, **common))
+        model = frozen(load_score_model(score_tokenizer, path, **common, num_labels=None))  # every head
         reuse = same_tokenizer(score_tokenizer, tokenizer) and template == sources.policy_template
-        return Scorer(model, score_tokenizer, template, reuse)
+        return Scorer(model, score_tokenizer, template, reuse, aggregate=aggregate, kappa=scoring.cost_kappa)
 
     def critic(path: str, score: Scorer) -> PreTrainedModel:
         if sources.critic_init == "actor":
@@ -133,7 +135,7 @@ def load_policy_models(
     reward_scorer = scorer(sources.reward_model_path, sources.reward_template)
     cost_scorer = None
     if sources.cost_model_path is not None:
-        cost_scorer = scorer(sources.cost_model_path, sources.cost_template)
+        cost_scorer = scorer(sources.cost_model_path, sources.cost_template, scoring.cost_aggregate)
     reward_critic = cost_critic = None
     if with_critics:
         reward_critic = critic(sources.reward_model_path, reward_scorer)

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.models.backbone import position_ids_from_mask, token_scores
-from repo_lightning.models.scorer import decode_responses, score_samples
+from repo_lightning.models.scorer import aggregate_heads, decode_responses, score_samples
 from repo_lightning.modules.policy_config import Sampling
 from repo_lightning.modules.policy_models import PolicyModels
 from repo_lightning.rl.losses import logprobs_from_logits
@@ -35,7 +35,8 @@ class Rollout:
             (evaluation, or a critic-free estimator).
         cost_values: ``[N, T]`` cost critic values ``V_C``, or ``None`` without a cost critic.
         rewards: ``[N]`` reward model scores ``R(x, y)``.
-        costs: ``[N]`` cost model scores ``C(x, y)``, or ``None`` without a cost model.
+        costs: ``[N]`` cost model scores ``C(x, y)`` (an ensemble's heads aggregated as configured), or ``None``.
+        cost_spread: ``[N]`` std of an ensemble cost model's heads (their disagreement), or ``None``.
         finished: ``[N]`` bool, whether the response ended with eos (not cut at ``max_new_tokens``).
         prompts: ``N`` raw prompts (each repeated ``k`` times, consecutively).
         responses: ``N`` decoded responses.
@@ -53,6 +54,7 @@ class Rollout:
     rewards: Tensor
     costs: Tensor | None
     finished: Tensor | None = None
+    cost_spread: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
@@ -201,9 +203,13 @@ def collect_rollout(
     logprobs = response_logprobs(models.actor, sequences, full_mask, prompt_length)
     ref_logprobs = response_logprobs(models.ref_model, sequences, full_mask, prompt_length)
     rewards = score_samples(models.reward_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
-    costs = None
+    rewards = aggregate_heads(rewards, "mean")
+    costs = cost_spread = None
     if models.cost_scorer is not None:
         costs = score_samples(models.cost_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
+        if costs.dim() == 2:
+            cost_spread = costs.std(1)
+            costs = aggregate_heads(costs, models.cost_scorer.aggregate, models.cost_scorer.kappa)
     reward_values = cost_values = None
     if with_values and models.reward_critic is not None:
         reward_values = response_values(models.reward_critic, sequences, full_mask, prompt_length)
@@ -221,6 +227,7 @@ def collect_rollout(
         rewards,
         costs,
         finished=(sequences[:, prompt_length:] == tok.eos_token_id).any(1),
+        cost_spread=cost_spread,
         prompts=prompts,
         responses=responses,
         meta=meta,

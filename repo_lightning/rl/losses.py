@@ -101,6 +101,7 @@ def cost_model_loss(
     safer_is_safe: Tensor,
     unsafer_is_safe: Tensor,
     regularization: float = 0.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Ranking-plus-sign loss of the cost model (Safe RLHF Eq. 6; algorithm.md section 4).
 
@@ -118,6 +119,8 @@ def cost_model_loss(
         safer_is_safe: ``[B]`` bool, absolute safety label of ``y_s``.
         unsafer_is_safe: ``[B]`` bool, absolute safety label of ``y_u``.
         regularization: coefficient ``reg`` of the squared-cost penalty.
+        weights: ``[B]`` non-negative per-pair weights (a bootstrap resample of an ensemble head); the loss is
+            then ``sum(w * l) / sum(w)``. ``None``: the plain mean.
 
     Returns:
         ``(loss, stats)``: scalar loss; detached stats ``accuracy`` (fraction with ``C_u > C_s``),
@@ -142,6 +145,9 @@ def cost_model_loss(
         "sign_accuracy": sign_correct.float().mean().detach(),
         "margin": margin.mean().detach(),
     }
+    if weights is not None:
+        weights = weights.to(losses)
+        return (losses * weights).sum() / weights.sum().clamp(min=1e-12), stats
     return losses.mean(), stats
 
 
