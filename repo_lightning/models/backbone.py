@@ -75,10 +75,10 @@ def _check_source(model_name_or_path: str | None, model_config: dict | None) -> 
         )
 
 
-def _from_pretrained(auto_cls, name_or_path: str, **kwargs) -> PreTrainedModel:
+def _from_pretrained(auto_cls, name_or_path: str, **kwargs):
     try:
         return auto_cls.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         where = "local folder" if os.path.sep in name_or_path or name_or_path.startswith(".") else "hub name"
         raise FileNotFoundError(
             f"could not load a model from {name_or_path!r} ({where}): expected a folder written by "
@@ -138,7 +138,7 @@ def load_score_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if model_name_or_path is not None:
-        saved = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        saved = _from_pretrained(AutoConfig, model_name_or_path, trust_remote_code=trust_remote_code)
         is_score_model = any(a.endswith("ForSequenceClassification") for a in (saved.architectures or []))
         heads = saved.num_labels if is_score_model else (num_labels or 1)
         model = _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, num_labels=heads, **kwargs)
