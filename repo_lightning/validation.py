@@ -1,0 +1,174 @@
+"""Range checks of config values, done where a value is declared, with errors in the config's own key names.
+
+Each check takes the key as the user writes it (``model.init_args.actor_lr``, ``data.val_fraction``) and raises
+:class:`~repo_lightning.errors.ConfigError` with that key, the rule and the value given, so a wrong setting stops the
+run before any folder is written. NaN fails every range check (``not nan > 0``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from repo_lightning.errors import ConfigError, MissingInputError
+
+
+def check_positive(key: str, value: float | None) -> None:
+    """``value > 0`` (``None`` means unset and passes)."""
+    if value is not None and not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def check_non_negative(key: str, value: float | None) -> None:
+    """``value >= 0`` (``None`` passes)."""
+    if value is not None and not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+def check_finite(key: str, value: float | None) -> None:
+    """``value`` is a finite number (``None`` passes)."""
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def check_probability(key: str, value: float | None, open_low: bool = False) -> None:
+    """``value`` in ``[0, 1]`` (``(0, 1]`` with ``open_low``; ``None`` passes)."""
+    if value is None:
+        return
+    low_ok = value > 0 if open_low else value >= 0
+    if not (low_ok and value <= 1):
+        raise ConfigError(f"{key} must be in {'(0' if open_low else '[0'}, 1], got {value}")
+
+
+def check_at_least(key: str, value: float | None, minimum: float, minimum_key: str | None = None) -> None:
+    """``value >= minimum``; ``minimum_key`` names the setting the minimum comes from (``lagrange_init``)."""
+    if value is None or value >= minimum:
+        return
+    bound = f"{minimum_key} ({minimum})" if minimum_key else f"{minimum}"
+    raise ConfigError(f"{key} must be >= {bound}, got {value}")
+
+
+def check_optimizer(key: str, optimizer: Callable) -> None:
+    """Check the learning rate of an optimizer factory from the config (``functools.partial`` with ``lr``).
+
+    Args:
+        key: The factory's key, e.g. ``model.init_args.optimizer``; the error names ``<key>.init_args.lr``.
+        optimizer: The factory; one without readable keywords (a plain class) is not checked.
+    """
+    lr = getattr(optimizer, "keywords", {}).get("lr")
+    if lr is not None and not isinstance(lr, bool) and isinstance(lr, int | float):
+        check_positive(f"{key}.init_args.lr", lr)
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local file or folder rather than a Hugging Face hub repository (``owner/name``).
+
+    Absolute, ``./``, ``../`` and ``~`` paths are local, as is anything with more than one ``/`` or whose first
+    component exists here (``lightning_logs/demo/exports/sft``); ``owner/name`` with no such folder is a hub name.
+    """
+    if path.startswith(("/", "./", "../", "~")) or path in (".", ".."):
+        return True
+    parts = Path(path).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists()) or Path(path).exists()
+
+
+def check_model_path(key: str, path: str | None) -> None:
+    """A model given as a local folder must exist and hold a ``config.json`` (hub names are left to the loader).
+
+    Raises:
+        MissingInputError: ``<key>: no model at '<path>' (...)``.
+    """
+    if path is None or not looks_local(path):
+        return
+    folder = Path(os.path.expanduser(path))
+    if not folder.exists():
+        raise MissingInputError(f"{key}: no model at {path!r} (no such folder); train that stage first or fix the path")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise MissingInputError(
+            f"{key}: no model at {path!r} (expected a folder written by save_pretrained, with a config.json)"
+        )
+
+
+def check_tokenizer_path(key: str, path: str | None) -> None:
+    """A tokenizer given as a local folder must exist."""
+    if path is not None and looks_local(path) and not Path(os.path.expanduser(path)).is_dir():
+        raise MissingInputError(f"{key}: no tokenizer at {path!r} (no such folder)")
+
+
+def validate_stage_args(
+    optimizer: Callable, warmup_steps: int, regularization: float = 0.0, oracle_margin: float = 0.0
+) -> None:
+    """Ranges of the SFT, reward and cost modules' numeric arguments (``model.init_args.*``)."""
+    prefix = "model.init_args"
+    check_optimizer(f"{prefix}.optimizer", optimizer)
+    check_non_negative(f"{prefix}.warmup_steps", warmup_steps)
+    check_non_negative(f"{prefix}.regularization", regularization)
+    check_non_negative(f"{prefix}.oracle_margin", oracle_margin)
+
+
+_POLICY_POSITIVE = (
+    "actor_lr",
+    "critic_lr",
+    "lagrange_lr",
+    "clip_ratio",
+    "temperature",
+    "eval_temperature",
+    "max_grad_norm",
+    "score_clip",
+    "value_clip",
+)
+_POLICY_NON_NEGATIVE = (
+    "kl_coef",
+    "cost_kl_coef",
+    "value_loss_coef",
+    "lagrange_init",
+    "tolerance",
+    "dual_update_delay",
+    "pid_kp",
+    "pid_ki",
+    "pid_kd",
+    "top_k",
+)
+_POLICY_PROBABILITY = ("gamma", "gae_lambda")
+_POLICY_AT_LEAST_ONE = (
+    "samples_per_prompt",
+    "max_new_tokens",
+    "ppo_epochs",
+    "minibatch_size",
+    "dual_window",
+    "eval_samples_per_prompt",
+    "scoring_batch_size",
+)
+_POLICY_FINITE = ("threshold", "missing_eos_penalty")
+
+
+def validate_policy_args(prefix: str = "model.init_args", **kwargs) -> None:
+    """Ranges of :class:`~repo_lightning.modules.PolicyModule`'s arguments, in the config's key names.
+
+    Call it with the module's keyword arguments (any subset; others, such as paths and ``optimizer``, are ignored),
+    e.g. ``validate_policy_args(**self.hparams)`` in ``__init__``. The CLI also calls it on the parsed config before
+    anything is built.
+
+    Raises:
+        ConfigError: ``model.init_args.actor_lr must be > 0, got -1.0``; for ``lagrange_max`` below
+            ``lagrange_init``: ``model.init_args.lagrange_max must be >= model.init_args.lagrange_init (5.0), ...``.
+    """
+    for name in _POLICY_POSITIVE:
+        check_positive(f"{prefix}.{name}", kwargs.get(name))
+    for name in _POLICY_NON_NEGATIVE:
+        check_non_negative(f"{prefix}.{name}", kwargs.get(name))
+    for name in _POLICY_PROBABILITY:
+        check_probability(f"{prefix}.{name}", kwargs.get(name))
+    check_probability(f"{prefix}.top_p", kwargs.get("top_p"), open_low=True)
+    for name in _POLICY_AT_LEAST_ONE:
+        check_at_least(f"{prefix}.{name}", kwargs.get(name), 1)
+    for name in _POLICY_FINITE:
+        check_finite(f"{prefix}.{name}", kwargs.get(name))
+    init, cap = kwargs.get("lagrange_init"), kwargs.get("lagrange_max")
+    if init is not None:
+        check_finite(f"{prefix}.lagrange_init", init)
+        check_at_least(f"{prefix}.lagrange_max", cap, init, f"{prefix}.lagrange_init")
+        if kwargs.get("dual_rule", "log") == "log":
+            check_positive(f"{prefix}.lagrange_init (the log dual_rule multiplies it)", init)
