@@ -10,6 +10,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from repo_lightning.data.records import PreferenceBatch
+from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_loss, model_source
 from repo_lightning.models.backbone import DType, load_score_model
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
@@ -18,6 +19,7 @@ from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import cost_model_loss
+from repo_lightning.validation import validate_stage_args
 
 _SPLITS = ("train_", "val_", "test_")
 
@@ -43,6 +45,8 @@ class CostModule(L.LightningModule):
             differ by at least this much.
         optimizer: Optimizer factory.
         warmup_steps: Linear warm-up steps.
+        on_nonfinite: On a NaN or infinite training loss or gradient: ``raise`` (stop, naming it) or ``skip``
+            the batch (counted, logged as ``train/nonfinite_skipped``).
         export_dir: Where the model is written in Hugging Face layout at the end of ``fit``.
     """
 
@@ -61,10 +65,13 @@ class CostModule(L.LightningModule):
         oracle_margin: float = 0.5,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        on_nonfinite: OnNonFinite = "raise",
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        validate_stage_args(optimizer, warmup_steps, regularization, oracle_margin)
         self.save_hyperparameters(ignore=["optimizer"])
+        self.finite_guard = FiniteGuard(on_nonfinite, model_source(self, "model"))
         self.optimizer = optimizer
         self.model = None
         self.tokenizer = None
@@ -87,13 +94,15 @@ class CostModule(L.LightningModule):
         """Costs of both responses of each pair, ``[B, 2]``."""
         return pair_scores(self.model, batch)
 
-    def _step(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor | None, torch.Tensor]:
         costs = self(batch)
         safer, unsafer = pick(costs, batch.safer_response_id)
         safer_is_safe, unsafer_is_safe = pick(batch.is_safe.long(), batch.safer_response_id)
         loss, _ = cost_model_loss(
             safer, unsafer, safer_is_safe.bool(), unsafer_is_safe.bool(), self.hparams.regularization
         )
+        if split == "train" and not guard_loss(self, self.finite_guard, loss):
+            return None, costs
         key = f"{split}_"
         self.accuracy[key]((unsafer > safer).long(), torch.ones_like(safer, dtype=torch.long))
         self.sign_accuracy[key]((costs > 0).long().flatten(), (~batch.is_safe).long().flatten())
@@ -107,8 +116,8 @@ class CostModule(L.LightningModule):
         self.log(f"{split}/unsafe_share", self.unsafe_share[key], batch_size=size)
         return loss, costs
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        """One cost-model step."""
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor | None:
+        """One cost-model step (``None``, no update, for a skipped non-finite batch)."""
         return self._step(batch, "train")[0]
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
@@ -128,6 +137,10 @@ class CostModule(L.LightningModule):
             agree = ((costs[:, 0] - costs[:, 1]) * gap)[clear] > 0
             self.oracle_accuracy(agree.long(), torch.ones_like(agree, dtype=torch.long))
             self.log("test/oracle_accuracy", self.oracle_accuracy, batch_size=int(clear.sum()))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on (or skip) non-finite gradients before they reach the weights."""
+        self.finite_guard.check_gradients(self.model, self.global_step, prefix="model.")
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""
