@@ -219,3 +219,15 @@ def guard_loss(module: L.LightningModule, guard: FiniteGuard, loss: Tensor) -> b
     if guard.on_nonfinite == "skip":
         module.log("train/nonfinite_skipped", float(guard.skipped), reduce_fx="max", batch_size=1)
     return finite
+
+
+def guard_gradients(module: L.LightningModule, guard: FiniteGuard, model: nn.Module, prefix: str = "model.") -> bool:
+    """Check the gradients of ``model`` in ``on_before_optimizer_step``; on ``skip`` also log the skip count.
+
+    Returns:
+        ``True`` if every gradient is finite; on ``skip`` the gradients were dropped, so the step changes nothing.
+    """
+    finite = guard.check_gradients(model, module.global_step, prefix)
+    if guard.on_nonfinite == "skip":
+        module.log("train/nonfinite_skipped", float(guard.skipped), reduce_fx="max", batch_size=1)
+    return finite

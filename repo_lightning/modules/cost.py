@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from repo_lightning.data.records import PreferenceBatch
-from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_loss, model_source
+from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_gradients, guard_loss, model_source
 from repo_lightning.models.backbone import DType, load_score_model
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
@@ -140,7 +140,7 @@ class CostModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop on (or skip) non-finite gradients before they reach the weights."""
-        self.finite_guard.check_gradients(self.model, self.global_step, prefix="model.")
+        guard_gradients(self, self.finite_guard, self.model)
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from repo_lightning.data.records import SFTBatch
-from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_loss, model_source
+from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_gradients, guard_loss, model_source
 from repo_lightning.models.backbone import DType, load_causal_lm
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
@@ -91,7 +91,7 @@ class SFTModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop on (or skip) non-finite gradients before they reach the weights."""
-        self.finite_guard.check_gradients(self.model, self.global_step, prefix="model.")
+        guard_gradients(self, self.finite_guard, self.model)
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""
