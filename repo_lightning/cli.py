@@ -99,6 +99,8 @@ class RLHFCLI(LightningCLI):
     def _note_new_dirs(self) -> None:
         """Remember the run and checkpoint folders this run will create (the top-most of each that is new)."""
         trainer = self.trainer
+        if not trainer.is_global_zero:  # rank 0 writes the run folder; other ranks must not fix a logger version early
+            return
         candidates = [trainer.log_dir] if trainer.log_dir else []
         candidates += [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
         for candidate in candidates:

@@ -80,7 +80,10 @@ def check_model_path(key: str, path: str | None) -> None:
     Raises:
         MissingInputError: ``<key>: no model at '<path>' (...)``.
     """
-    if path is None or not looks_local(path):
+    if path is None:
+        return
+    if not looks_local(path):
+        _check_offline_hub_model(key, path)
         return
     folder = Path(os.path.expanduser(path))
     if not folder.exists():
@@ -88,6 +91,17 @@ def check_model_path(key: str, path: str | None) -> None:
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise MissingInputError(
             f"{key}: no model at {path!r} (expected a folder written by save_pretrained, with a config.json)"
+        )
+
+
+def _check_offline_hub_model(key: str, name: str) -> None:
+    """Offline, a hub name must already be in the local cache (else the loader's message names no key)."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    if is_offline_mode() and try_to_load_from_cache(name, "config.json") is None:
+        raise MissingInputError(
+            f"{key}: no model at {name!r}: no such local folder, and no cached hub repository of that name "
+            "(HF_HUB_OFFLINE is set)"
         )
 
 

@@ -228,6 +228,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "model.init_args.model_name_or_path: no model at '{tmp}/sft'",
     ),
     (
+        "uncached-hub-model-offline",
+        "policy",
+        lambda t, e: ["--model.init_args.cost_model_path=someone/no-such-cost-model"],
+        "model.init_args.cost_model_path: no model at 'someone/no-such-cost-model': no such local folder, and no "
+        "cached hub repository of that name (HF_HUB_OFFLINE is set)",
+    ),
+    (
         "missing-checkpoint",
         "sft",
         lambda t, e: [f"--ckpt_path={t / 'last.ckpt'}"],

@@ -121,7 +121,9 @@ def _kill_run(config: str, after: int) -> None:
 
 
 def _assert_same(full: dict, resumed: dict) -> None:
-    assert full["global_step"] == resumed["global_step"] == 2 * 2 * ITERATIONS_PER_EPOCH  # epochs x iterations x minibatches
+    assert (
+        full["global_step"] == resumed["global_step"] == 2 * 2 * ITERATIONS_PER_EPOCH
+    )  # epochs x iterations x minibatches
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
     for key, value in full["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
