@@ -9,8 +9,9 @@ exports full of NaN. The checks here name *what* went non-finite (``train/loss``
 * :func:`first_nonfinite_weight` finds the first non-finite parameter or buffer of a model (for loaded models and
   for exports).
 * :class:`NonFiniteWeightCheck` is the callback the CLI adds to every run: it checks every model's weights when
-  fit, validate or test starts (a NaN model folder stops the run naming the model and its path) and the trained
-  weights and state after each training batch, before any checkpoint of that step is written.
+  fit, validate or test starts (a NaN model folder stops the run naming the model and its path), the gradients
+  before each optimizer step of a module without its own guard (the policy), and the trained weights and state
+  after each training batch, before any checkpoint of that step is written.
 """
 
 from __future__ import annotations
@@ -203,6 +204,24 @@ class NonFiniteWeightCheck(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check every model before testing."""
         self._check(trainer, pl_module, "at the start of test", trainable_only=False)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Stop before a non-finite gradient reaches the weights, for modules without their own guard.
+
+        Lightning calls this hook from ``optimizer.step()`` under manual optimization too (the policy stage). A module
+        with a ``finite_guard`` attribute (the SFT, reward and cost stages) checks its own gradients, with its own
+        ``raise``/``skip`` choice, and is left alone.
+        """
+        if getattr(pl_module, "finite_guard", None) is not None:
+            return
+        for child_name, child in pl_module.named_children():
+            found = first_nonfinite_gradient(child.named_parameters())
+            if found is not None:
+                raise NonFiniteError(
+                    f"non-finite {found} in {model_source(pl_module, child_name)}; stopped before the optimizer step"
+                )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         """Check trained weights and state after the step, before this step's checkpoint is saved."""

@@ -354,6 +354,15 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "score.weight (32 of 32 values NaN)",
     ),
     (
+        "overflowing-reward-scores",
+        "policy",
+        lambda t, e: [
+            f"--model.init_args.reward_model_path={_huge_score_head(e['reward'], t / 'reward')}",
+            "--model.init_args.score_clip=null",
+        ],
+        "stopped before the optimizer step",
+    ),
+    (
         "nan-actor",
         "policy",
         lambda t, e: [f"--model.init_args.actor_path={_nan_copy(e['sft'], t / 'sft', 'lm_head.weight', True)}"],
