@@ -136,11 +136,18 @@ class FiniteGuard:
         )
         return False
 
-    def check(self, name: str, tensor: Tensor, step: int | None = None) -> bool:
-        """``True`` if ``tensor`` is finite; otherwise raise or (``skip``) count the batch and return ``False``."""
-        if not count_nonfinite(tensor):
+    def check(self, name: str, tensor: Tensor | None, step: int | None = None, source: str | None = None) -> bool:
+        """``True`` if ``tensor`` is finite (or ``None``); otherwise raise or (``skip``) count and return ``False``.
+
+        Args:
+            name: What the tensor is (``rewards``, ``train/loss``).
+            tensor: The values.
+            step: The global step, for the skip warning.
+            source: Where the values come from, if not the guard's own ``source`` (``model_source(module, name)``).
+        """
+        if tensor is None or not count_nonfinite(tensor):
             return True
-        return self._fail(f"non-finite {describe(name, tensor)} from {self.source}", step)
+        return self._fail(f"non-finite {describe(name, tensor)} from {source or self.source}", step)
 
     def check_gradients(self, model: nn.Module, step: int | None = None, prefix: str = "") -> bool:
         """Check every gradient of ``model``; on ``skip`` the gradients are dropped so the step changes nothing.
