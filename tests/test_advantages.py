@@ -81,7 +81,9 @@ def test_gae_discount():
     # gamma 0.5, lambda 0.5, r = [1, 2], V = [1, 1]
     # t=1: delta = 2 - 1 = 1;               A1 = 1
     # t=0: delta = 1 + 0.5 * 1 - 1 = 0.5;   A0 = 0.5 + 0.25 * 1 = 0.75
-    advantages, returns = gae(torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), torch.ones(1, 2), gamma=0.5, lam=0.5)
+    advantages, returns = gae(
+        torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), torch.ones(1, 2), gamma=0.5, lam=0.5
+    )
     torch.testing.assert_close(advantages, torch.tensor([[0.75, 1.0]]))
     torch.testing.assert_close(returns, torch.tensor([[1.75, 2.0]]))
 

@@ -38,9 +38,13 @@ def test_statistics_per_cost_column():
 def test_log_rule_by_hand():
     lam = torch.tensor([1.0])
     # log lam = 0 + 0.1 * 1 * (-0.5) -> e^-0.05 = 0.951229
-    assert log_rule(lam, torch.tensor([-0.5]), lr=0.1, max_value=10.0).item() == pytest.approx(0.951229, abs=1e-6)
+    assert log_rule(lam, torch.tensor([-0.5]), lr=0.1, max_value=10.0).item() == pytest.approx(
+        0.951229, abs=1e-6
+    )
     # e^0.05 = 1.051271
-    assert log_rule(lam, torch.tensor([0.5]), lr=0.1, max_value=10.0).item() == pytest.approx(1.051271, abs=1e-6)
+    assert log_rule(lam, torch.tensor([0.5]), lr=0.1, max_value=10.0).item() == pytest.approx(
+        1.051271, abs=1e-6
+    )
     # clamped to max
     assert log_rule(lam, torch.tensor([0.5]), lr=0.1, max_value=1.02).item() == pytest.approx(1.02)
     # g = 0 leaves any lam bit-for-bit unchanged
@@ -77,7 +81,9 @@ def test_pid_rule_by_hand():
     )
     assert integral.item() == 0.0 and lam.item() == 0.0
     # max
-    lam, _ = pid_rule(torch.tensor([50.0]), torch.zeros(1), torch.zeros(1), kp=1.0, ki=1.0, kd=0.0, max_value=7.0)
+    lam, _ = pid_rule(
+        torch.tensor([50.0]), torch.zeros(1), torch.zeros(1), kp=1.0, ki=1.0, kd=0.0, max_value=7.0
+    )
     assert lam.item() == 7.0
 
 
@@ -162,7 +168,9 @@ def test_state_dict_round_trip(rule):
     for g in (0.4, -0.2, 1.3, 0.7):
         dual.update(torch.tensor([g]))
     state = dual.state_dict()
-    assert {"lagrange_multiplier", "integral", "previous", "history", "history_count", "num_updates"} <= set(state)
+    assert {"lagrange_multiplier", "integral", "previous", "history", "history_count", "num_updates"} <= set(
+        state
+    )
 
     restored = DualVariable(**kwargs)
     restored.load_state_dict(state)

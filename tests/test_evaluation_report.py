@@ -50,7 +50,9 @@ def _results(with_extras: bool = True) -> list[PromptResult]:
         if not with_extras:
             for key in ("kind", "true_rewards", "true_costs", "refusals"):
                 row.pop(key)
-        results.append(PromptResult(index=i, prompt=f"how do i do {i} ?", responses=[f"a{i}", f"b{i}"], **row))
+        results.append(
+            PromptResult(index=i, prompt=f"how do i do {i} ?", responses=[f"a{i}", f"b{i}"], **row)
+        )
     return results
 
 

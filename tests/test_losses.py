@@ -112,7 +112,9 @@ def test_cost_model_loss_by_hand():
 def test_cost_model_sign_term_follows_labels():
     # Both responses labelled safe, C_s = -1, C_u = 1: the sign term for y_u is now -log s(-1) = 1.313262
     # ranking log(1+e^-2) = 0.126928, safer sign -log s(1) = 0.313262 -> 1.753452
-    loss, stats = cost_model_loss(torch.tensor([-1.0]), torch.tensor([1.0]), torch.tensor([True]), torch.tensor([True]))
+    loss, stats = cost_model_loss(
+        torch.tensor([-1.0]), torch.tensor([1.0]), torch.tensor([True]), torch.tensor([True])
+    )
     assert loss.item() == pytest.approx(0.126928 + 0.313262 + 1.313262, abs=1e-6)
     assert stats["sign_accuracy"].item() == 0.5
     # and the gradient pushes the "unsafe-ranked but safe-labelled" cost down
@@ -214,7 +216,9 @@ def test_entropy_from_logits_by_hand():
     logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
     # H(1/2, 1/2) = ln 2 = 0.693147; H(3/4, 1/4) = 0.75 ln(4/3) + 0.25 ln 4 = 0.562335; mean 0.627741
     assert entropy_from_logits(logits, torch.tensor([[1, 1]])).item() == pytest.approx(0.627741, abs=1e-6)
-    assert entropy_from_logits(logits, torch.tensor([[1, 0]])).item() == pytest.approx(math.log(2.0), abs=1e-6)
+    assert entropy_from_logits(logits, torch.tensor([[1, 0]])).item() == pytest.approx(
+        math.log(2.0), abs=1e-6
+    )
 
 
 def test_logprobs_from_logits_by_hand_and_float32():
