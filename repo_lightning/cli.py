@@ -78,8 +78,8 @@ class RLHFCLI(LightningCLI):
             check_model_path(f"model.init_args.{key}", hparams.get(key))
         ckpt_path = self._stage_config().get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
-            if not Path(ckpt_path).is_file():
-                raise MissingInputError(f"ckpt_path: no checkpoint file at {ckpt_path!r}")
+            if not Path(ckpt_path).exists():  # a file, or a folder for a sharded (distributed) checkpoint
+                raise MissingInputError(f"ckpt_path: no checkpoint at {ckpt_path!r}")
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
         self._note_new_dirs()

@@ -238,7 +238,7 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "missing-checkpoint",
         "sft",
         lambda t, e: [f"--ckpt_path={t / 'last.ckpt'}"],
-        "ckpt_path: no checkpoint file at '{tmp}/last.ckpt'",
+        "ckpt_path: no checkpoint at '{tmp}/last.ckpt'",
     ),
     (
         "missing-tokenizer",
