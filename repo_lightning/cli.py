@@ -3,20 +3,53 @@
 One LightningCLI chooses the stage's LightningModule from the config's ``model.class_path`` (``SFTModule``,
 ``RewardModule``, ``CostModule``, ``PolicyModule``) and always uses the one :class:`RLHFDataModule`. The tokenizer is
 set once, in ``data.tokenizer``, and linked into the module.
+
+Errors a user can fix (a wrong key or value, a missing or malformed file, a model with NaN weights: the
+:mod:`repo_lightning.errors` classes, the parser's errors and Lightning's ``MisconfigurationException``) print one
+line, ``error: <message>``, and exit with code 2; anything else keeps its traceback. ``--debug`` or
+``REPO_LIGHTNING_DEBUG=1`` shows the traceback of every error. Inputs are checked (model folders, ``--ckpt_path``,
+every data row) before the logger writes a run folder, and a run that still fails on bad input removes the folders
+it created, unless they hold a checkpoint. ``docs/errors.md`` lists what is checked.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import shutil
+import sys
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from repo_lightning.data.datamodule import RLHFDataModule
+from repo_lightning.errors import MissingInputError, UserInputError
+from repo_lightning.finite_guard import NonFiniteWeightCheck
+from repo_lightning.validation import check_model_path
+
+DEBUG_ENV = "REPO_LIGHTNING_DEBUG"
+#: Module arguments that name a model folder or hub repository.
+MODEL_PATH_KEYS = ("model_name_or_path", "actor_path", "reward_model_path", "cost_model_path")
+#: The errors printed as one line (exit code 2).
+USER_ERRORS = (UserInputError, argparse.ArgumentError, MisconfigurationException)
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with the project's argument links."""
+    """LightningCLI with the project's argument links, input checks and clean-up of folders left by a failed run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        """As ``LightningCLI``; on a user error, folders this run created and left without a checkpoint are removed."""
+        self._new_dirs: list[Path] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as error:
+            if user_error(error) is not None:
+                self._remove_new_dirs()
+            raise
 
     def add_arguments_to_parser(self, parser) -> None:
         """Link the data's resolved tokenizer into the module (set once, never repeated in YAML)."""
@@ -28,16 +61,142 @@ class RLHFCLI(LightningCLI):
         # and command line define the module; the checkpoint restores weights and training state only.
         return
 
+    def _stage_config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def _check_inputs(self, stage: str) -> None:
+        """Model folders, the checkpoint and every data row, before the logger writes anything."""
+        hparams = self.model.hparams
+        for key in MODEL_PATH_KEYS:
+            check_model_path(f"model.init_args.{key}", hparams.get(key))
+        ckpt_path = self._stage_config().get("ckpt_path")
+        if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
+            if not Path(ckpt_path).exists():  # a file, or a folder for a sharded (distributed) checkpoint
+                raise MissingInputError(f"ckpt_path: no checkpoint at {ckpt_path!r}")
+        self.datamodule.prepare_data()
+        self.datamodule.setup(stage)
+        self._note_new_dirs()
+
+    def before_fit(self) -> None:
+        """Check inputs before ``fit``."""
+        self._check_inputs("fit")
+
+    def before_validate(self) -> None:
+        """Check inputs before ``validate``."""
+        self._check_inputs("validate")
+
+    def before_test(self) -> None:
+        """Check inputs before ``test``."""
+        self._check_inputs("test")
+
+    def _note_new_dirs(self) -> None:
+        """Remember the run and checkpoint folders this run will create (the top-most of each that is new)."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:  # rank 0 writes the run folder; other ranks must not fix a logger version early
+            return
+        candidates = [trainer.log_dir] if trainer.log_dir else []
+        candidates += [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        for candidate in candidates:
+            path = Path(candidate).absolute()
+            if path.exists():
+                continue
+            while not path.parent.exists() and path.parent != path:
+                path = path.parent
+            self._new_dirs.append(path)
+
+    def _remove_new_dirs(self) -> None:
+        for path in self._new_dirs:
+            if path.is_dir() and not any(path.rglob("*.ckpt")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error ``error`` is or was raised from (the parser wraps errors of the classes it builds), else ``None``.
+
+    Args:
+        error: The exception that stopped the run.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, USER_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user error on one line; the parser's nested messages are reduced to key and reason."""
+    message = str(error)
+    if isinstance(error, argparse.ArgumentError):
+        message = _parser_message(message)
+    return " ".join(message.split())
+
+
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def _parser_message(message: str) -> str:
+    """``model.init_args.warmup_steps: Expected a <class 'int'>. Got value: abc`` from jsonargparse's nested report."""
+    keys: list[str] = []
+    details: list[str] = []
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or line.startswith(_PARSER_NOISE):
+            continue
+        if match := re.match(r'Parser key "([^"]+)":\s*(.*)', line):
+            keys.append(match[1])
+            if match[2]:
+                details.append(match[2])
+        elif match := re.match(r"Problem with given class_path '([^']+)':\s*(.*)", line):
+            keys.append("init_args")
+            if match[2]:
+                details.append(match[2])
+        else:
+            details.append(line)
+    text = " ".join(details)
+    text = re.sub(r"^unrecognized arguments: (fit|validate|test|predict) ", "unrecognized arguments: ", text)
+    if text.startswith("unrecognized arguments"):
+        text += " (see --help for the accepted keys)"
+    return f"{'.'.join(keys)}: {text}" if keys else text
+
 
 def main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
-    """Run the CLI (``args=None`` reads ``sys.argv``); returns the CLI object for tests and scripts."""
+    """Run the CLI (``args=None`` reads ``sys.argv``); returns the CLI object for tests and scripts.
+
+    Raises:
+        SystemExit: code 2 after printing ``error: <message>`` for a user error (see the module docstring).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return RLHFCLI(
-        L.LightningModule,
-        RLHFDataModule,
-        subclass_mode_model=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when it is also given args)
+        debug |= "--debug" in sys.argv[1:]
+        sys.argv = [arg for arg in sys.argv if arg != "--debug"]
+    else:
+        debug |= "--debug" in args
+        args = [arg for arg in args if arg != "--debug"]
+    try:
+        return RLHFCLI(
+            L.LightningModule,
+            RLHFDataModule,
+            subclass_mode_model=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            trainer_defaults={"callbacks": [NonFiniteWeightCheck()]},
+            parser_kwargs={"exit_on_error": False},
+        )
+    except Exception as error:
+        known = user_error(error)
+        if known is None or debug:
+            raise
+        print(f"error: {one_line(known)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -140,7 +140,7 @@ class Pipeline:
         """Evaluate the SFT policy itself (the starting point), with the RePO config's evaluation settings."""
         out = self.root / "eval" / "sft"
         args = self._policy_args("repo", "eval_sft")
-        self._run("eval_sft", ["test", *args, f"--model.init_args.report_dir={out}"])
+        self._run("eval_sft", ["test", *args, f"--model.init_args.evaluation.report_dir={out}"])
         return out
 
     def fit_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
@@ -165,7 +165,7 @@ class Pipeline:
         checkpoint = latest_checkpoint(self.root / "logs" / run_name)
         out = self.root / "eval" / name
         args = self._policy_args(algorithm, run_name, extra)
-        self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", f"--model.init_args.report_dir={out}"])
+        self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", f"--model.init_args.evaluation.report_dir={out}"])
         return out
 
     def train_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:

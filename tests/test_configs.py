@@ -58,3 +58,12 @@ def test_a_config_with_an_unknown_key_is_caught(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _parse(bad, monkeypatch)
     assert "'regularisation' is not accepted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(CONFIG_ROOT).as_posix() for p in CONFIGS])
+def test_config_checkpoints_periodically_so_a_killed_run_resumes(path, monkeypatch):
+    callbacks = _parse(path, monkeypatch).trainer.callbacks or []
+    checkpoints = [c.init_args for c in callbacks if c.class_path.endswith("ModelCheckpoint")]
+    assert any(c.every_n_train_steps and c.save_last for c in checkpoints), f"{path}: no periodic last.ckpt"
+    # The newest checkpoint must hold the final weights: a periodic one alone is up to N-1 steps stale at the end.
+    assert any(not c.every_n_train_steps and c.save_last for c in checkpoints), f"{path}: no epoch-end last.ckpt"

@@ -19,6 +19,7 @@ import torch
 from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.data.records import PreferenceBatch, PromptBatch, SFTBatch
 from repo_lightning.data.schema import DataValidationError
+from repo_lightning.data.sources import read_rows
 from repo_lightning.safetyworld import World, WorldConfig
 
 HEAD = ["<s>", "BEGINNING", "OF", "CONVERSATION", ":", "USER", ":"]
@@ -393,12 +394,18 @@ def test_empty_file_is_rejected(tmp_path, tiny_exports):
 
 
 def test_nonexistent_paths_are_named(tmp_path, tiny_exports):
+    # The DataModule refuses them when it is built, naming the config key ...
     missing_file = str(tmp_path / "missing.jsonl")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"data file '{missing_file}' does not exist")):
-        _file_dm(missing_file, tiny_exports["tokenizer"], "prompts").setup("fit")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data.dataset: no data file at '{missing_file}'")):
+        _file_dm(missing_file, tiny_exports["tokenizer"], "prompts")
     missing_folder = str(tmp_path / "missing_folder")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data.dataset: no dataset folder at '{missing_folder}'")):
+        _file_dm(missing_folder, tiny_exports["tokenizer"], "prompts")
+    # ... and the reader, called directly, names the path.
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data file '{missing_file}' does not exist")):
+        read_rows(missing_file)
     with pytest.raises(FileNotFoundError, match=re.escape(f"dataset folder '{missing_folder}' does not exist")):
-        _file_dm(missing_folder, tiny_exports["tokenizer"], "prompts").setup("fit")
+        read_rows(missing_folder)
 
 
 @pytest.mark.parametrize(
@@ -412,7 +419,9 @@ def test_nonexistent_paths_are_named(tmp_path, tiny_exports):
         ({"tokenizer": None}, "data.tokenizer is required for dataset 'pairs.jsonl'"),
     ],
 )
-def test_bad_settings_fail_at_construction(tiny_exports, kwargs, message):
+def test_bad_settings_fail_at_construction(tmp_path, monkeypatch, tiny_exports, kwargs, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("")  # the file must exist: a missing one is refused first
     settings = {"dataset": "pairs.jsonl", "tokenizer": tiny_exports["tokenizer"]} | kwargs
     with pytest.raises(ValueError, match=re.escape(message)):
         RLHFDataModule(**settings)

@@ -6,6 +6,7 @@ steps each, one validation batch per epoch); the tests check what each stage lef
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -211,11 +212,14 @@ def test_cost_metrics_reach_tensorboard(pipeline):
 # --- bad configs --------------------------------------------------------------------------------------------
 
 
-def test_both_model_sources_fail_with_a_clear_message(pipeline):
+def test_both_model_sources_fail_with_a_clear_message(pipeline, capsys):
     export = str(pipeline["root"] / "exports" / "sft")
     args = ["fit", "--config", pipeline["sft_config"], "--model.init_args.model_name_or_path", export]
-    with pytest.raises(ValueError, match="set exactly one of model_name_or_path .* and model_config"):
+    with pytest.raises(SystemExit) as exit_info:
         main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"error: model.init_args: set exactly one of model_name_or_path .* and model_config", err)
 
 
 @pytest.mark.parametrize(
@@ -223,11 +227,13 @@ def test_both_model_sources_fail_with_a_clear_message(pipeline):
     [
         (["--data.batchsize", "4"], "unrecognized arguments: --data.batchsize"),
         (["--model.init_args.regularisation", "0.1"], "'regularisation' is not accepted"),
-        (["--data.mode", "rl"], 'Parser key "data.mode"'),
+        (["--data.mode", "rl"], "data.mode: Expected a typing.Literal['sft', 'preference', 'prompts']. Got value: rl"),
     ],
 )
 def test_bad_keys_stop_the_cli_before_running(pipeline, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", pipeline["sft_config"], *extra])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one line, no usage text, no traceback
+    assert message in err

@@ -18,13 +18,20 @@ from repo_lightning.data.collate import (
     collate_prompts,
     collate_sft,
 )
+from repo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from repo_lightning.data.schema import Mode, SFTResponse, validate_rows
-from repo_lightning.data.sources import SAFETYWORLD, SafetyWorldCache, read_rows
+from repo_lightning.data.sources import SAFETYWORLD, SafetyWorldCache, check_source, read_rows
 from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE, check_template, encode_prompt, encode_response
+from repo_lightning.errors import ConfigError
 from repo_lightning.models.backbone import load_tokenizer
 from repo_lightning.safetyworld import World, WorldConfig
+from repo_lightning.validation import check_at_least, check_tokenizer_path
 
 log = logging.getLogger(__name__)
+
+#: Share of tokens mapped to the tokenizer's unk token above which the data is probably tokenised with the wrong
+#: tokenizer (SafetyWorld's word-level one on real text maps most words to unk).
+UNK_WARN_SHARE = 0.05
 
 
 class _ListDataset(Dataset):
@@ -97,16 +104,26 @@ class RLHFDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if mode not in ("sft", "preference", "prompts"):
-            raise ValueError(f"data.mode must be 'sft', 'preference' or 'prompts', got {mode!r}")
+            raise ConfigError(f"data.mode must be 'sft', 'preference' or 'prompts', got {mode!r}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if max_prompt_length < 2 or max_length <= max_prompt_length:
-            raise ValueError(
+            raise ConfigError(
                 f"data.max_length ({max_length}) must exceed data.max_prompt_length ({max_prompt_length}) >= 2"
             )
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        check_template(template)
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_at_least("data.eval_batch_size", eval_batch_size, 1)
+        check_at_least("data.max_rows", max_rows, 1)
+        check_at_least("data.num_workers", num_workers, 0)
+        try:
+            check_template(template)
+        except ValueError as err:
+            raise ConfigError(f"data.{err}") from err
+        check_source("data.dataset", dataset)
+        if test_dataset is not None:
+            check_source("data.test_dataset", test_dataset)
+        check_tokenizer_path("data.tokenizer", tokenizer)
         self.mode = mode
         self.dataset = dataset
         self.split = split
@@ -130,11 +147,12 @@ class RLHFDataModule(L.LightningDataModule):
         )
         if tokenizer is None:
             if self.world_cache is None:
-                raise ValueError(f"data.tokenizer is required for dataset {dataset!r} (a hub name or folder)")
+                raise ConfigError(f"data.tokenizer is required for dataset {dataset!r} (a hub name or folder)")
             self.world_cache.ensure()
             tokenizer = self.world_cache.tokenizer_path
         self.tokenizer_path = tokenizer
         self._tokenizer = None
+        self._unk_warned = False
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -204,7 +222,29 @@ class RLHFDataModule(L.LightningDataModule):
                 )
         if truncated:
             log.warning("%s: %d texts were truncated to fit max_prompt_length/max_length", source, truncated)
+        self._warn_on_unk(examples, source)
         return examples
+
+    def _warn_on_unk(self, examples: list, source: str) -> None:
+        """Warn (once per DataModule) when many tokens are unk: the tokenizer probably does not fit the text."""
+        unk_id = getattr(self.tokenizer, "unk_token_id", None)
+        if unk_id is None or self._unk_warned:
+            return
+        unk = total = 0
+        for example in examples:
+            for ids in _token_lists(example):
+                unk += ids.count(unk_id)
+                total += len(ids)
+        if total and unk / total > UNK_WARN_SHARE:
+            self._unk_warned = True
+            log.warning(
+                "%s: %.1f%% of tokens map to the unknown token %r with tokenizer %r; is data.tokenizer the one the "
+                "text was written for?",
+                source,
+                100 * unk / total,
+                self.tokenizer.unk_token,
+                self.tokenizer_path,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Read, validate and tokenise the rows the stage needs; split off the validation set."""
@@ -245,10 +285,15 @@ class RLHFDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         # An explicit sampler keeps the shuffle order a function of (seed, epoch) alone, so a resumed run sees the
         # same prompts as an uninterrupted one, and each rank its own share under DDP/FSDP.
-        sampler = DistributedSampler(
+        # Training batches come from a loader whose position is saved in checkpoints, so a run killed mid-epoch
+        # resumes at the batch after its last checkpoint.
+        sampler_cls, loader_cls = (
+            (ResumableSampler, ResumableDataLoader) if shuffle else (DistributedSampler, DataLoader)
+        )
+        sampler = sampler_cls(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
         )
-        return DataLoader(
+        return loader_cls(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -268,3 +313,12 @@ class RLHFDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order (SafetyWorld: held-out prompts)."""
         return self._loader("test", False, self.eval_batch_size, self.test_mode)
+
+
+def _token_lists(example) -> list[list[int]]:
+    """The token id lists of a tokenised example (prompt, response or both sequences of a pair)."""
+    if isinstance(example, PreferenceExample):
+        return list(example.sequences)
+    if isinstance(example, SFTExample):
+        return [example.prompt_ids, example.response_ids]
+    return [example.prompt_ids]

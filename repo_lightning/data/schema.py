@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
+from repo_lightning.errors import DataError
+
 Mode = Literal["sft", "preference", "prompts"]
 SFTResponse = Literal["response", "better", "safer"]
 
@@ -23,7 +25,7 @@ PREFERENCE_FIELDS = (
 )
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
     """A row does not follow the data contract."""
 
 
@@ -109,6 +111,11 @@ def validate_rows(
         out = {"prompt": _text(row, source, index, "prompt")}
         if mode == "sft":
             if sft_response == "response":
+                if "response" not in row and {"response_0", "response_1"} <= set(row):
+                    raise DataValidationError(
+                        f"{source}: row {index}: no 'response' field, but the row has 'response_0' and 'response_1' "
+                        "(a preference row); set data.sft_response: better or safer to train on one of them"
+                    )
                 out["response"] = _text(row, source, index, "response")
             else:
                 chosen = _binary_id(row, source, index, f"{sft_response}_response_id")

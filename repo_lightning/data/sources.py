@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from repo_lightning.data.schema import DataValidationError
+from repo_lightning.errors import ConfigError, MissingInputError
 from repo_lightning.safetyworld import World, WorldConfig
 
 SAFETYWORLD = "safetyworld"
@@ -36,9 +38,14 @@ _WORLD_FILES = {
 
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSON-lines file; a bad line raises naming the file and line number."""
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
+    rows, offset = [], 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, raw[err.start], offset + err.start, number + 1) from err
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -48,22 +55,36 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _not_utf8(path: Path, byte: int, offset: int, line: int) -> DataValidationError:
+    return DataValidationError(
+        f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset}, line {line}); expected a {path.suffix} "
+        "file of UTF-8 JSON"
+    )
+
+
 def read_local_file(path: Path) -> list[dict]:
     """Read rows from a ``.json`` (a list of objects), ``.jsonl`` or ``.parquet`` file."""
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, raw[err.start], err.start, raw.count(b"\n", 0, err.start) + 1) from err
         except json.JSONDecodeError as err:
             raise DataValidationError(f"{path}: invalid JSON ({err})") from err
         if not isinstance(data, list):
             raise DataValidationError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
         return data
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise DataValidationError(f"{path}: not a readable parquet file ({err})") from err
     raise DataValidationError(f"{path}: unsupported file type {path.suffix!r}; expected one of {LOCAL_SUFFIXES}")
 
 
@@ -72,16 +93,16 @@ def read_rows(dataset: str, split: str = "train", subset: str | None = None) -> 
     path = Path(dataset)
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
-            raise FileNotFoundError(f"data file {dataset!r} does not exist (expected a {path.suffix} file)")
+            raise MissingInputError(f"data file {dataset!r} does not exist (expected a {path.suffix} file)")
         return read_local_file(path)
     if dataset.startswith((".", "/")) and not path.exists():
-        raise FileNotFoundError(f"dataset folder {dataset!r} does not exist")
+        raise MissingInputError(f"dataset folder {dataset!r} does not exist")
     import datasets
 
     try:
         loaded = datasets.load_dataset(dataset, subset, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"could not load dataset {dataset!r} (subset={subset!r}, split={split!r}): expected a Hugging Face "
             f"hub name, a dataset folder, or a {'/'.join(LOCAL_SUFFIXES)} file ({err})"
         ) from err
@@ -90,6 +111,33 @@ def read_rows(dataset: str, split: str = "train", subset: str | None = None) -> 
         # failed to parse are in the chained cause.
         raise DataValidationError(f"{dataset}[{split}]: could not read the rows ({err.__cause__ or err})") from err
     return loaded.to_list()
+
+
+def check_source(key: str, dataset: str) -> None:
+    """Check a ``data.dataset`` value before anything is read.
+
+    Local files and folders must exist, and a name close to ``safetyworld`` is taken for a typo of it (not for a
+    hub dataset).
+
+    Args:
+        key: The config key (``data.dataset``, ``data.test_dataset``), named in the error.
+        dataset: Its value.
+
+    Raises:
+        MissingInputError: a local file or folder that does not exist.
+        ConfigError: a misspelt ``safetyworld``.
+    """
+    path = Path(dataset)
+    if dataset == SAFETYWORLD or path.exists():
+        return
+    if path.suffix in LOCAL_SUFFIXES:
+        raise MissingInputError(f"{key}: no data file at {dataset!r}")
+    if dataset.startswith((".", "/", "~")) or len(path.parts) > 2:
+        raise MissingInputError(f"{key}: no dataset folder at {dataset!r}")
+    if "/" not in dataset and difflib.get_close_matches(dataset.lower(), [SAFETYWORLD], n=1, cutoff=0.7):
+        raise ConfigError(
+            f"{key}: {dataset!r} is not a file, folder or the built-in dataset; did you mean {SAFETYWORLD!r}?"
+        )
 
 
 def _atomic_write_jsonl(rows: list[dict], path: Path) -> None:

@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from repo_lightning.errors import ConfigError, MissingInputError
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +45,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"could not load a tokenizer from {name_or_path!r}: expected a Hugging Face hub name or a folder "
             f"written by save_pretrained ({err})"
         ) from err
@@ -56,7 +58,7 @@ def _config_from_dict(model_config: dict, tokenizer: PreTrainedTokenizerBase, nu
     settings = dict(model_config)
     model_type = settings.pop("model_type", None)
     if model_type is None:
-        raise ValueError("model_config needs a 'model_type' key (for example 'llama')")
+        raise ConfigError("model.init_args.model_config needs a 'model_type' key (for example 'llama')")
     settings.setdefault("vocab_size", len(tokenizer))
     settings.setdefault("pad_token_id", tokenizer.pad_token_id)
     settings.setdefault("bos_token_id", tokenizer.bos_token_id)
@@ -68,9 +70,9 @@ def _config_from_dict(model_config: dict, tokenizer: PreTrainedTokenizerBase, nu
 
 def _check_source(model_name_or_path: str | None, model_config: dict | None) -> None:
     if (model_name_or_path is None) == (model_config is None):
-        raise ValueError(
-            "set exactly one of model_name_or_path (hub name or local folder) and model_config (a dict with "
-            f"'model_type' to build a fresh model); got model_name_or_path={model_name_or_path!r}, "
+        raise ConfigError(
+            "model.init_args: set exactly one of model_name_or_path (hub name or local folder) and model_config (a "
+            f"dict with 'model_type' to build a fresh model); got model_name_or_path={model_name_or_path!r}, "
             f"model_config={model_config!r}"
         )
 
@@ -80,7 +82,7 @@ def _from_pretrained(auto_cls, name_or_path: str, **kwargs):
         return auto_cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         where = "local folder" if os.path.sep in name_or_path or name_or_path.startswith(".") else "hub name"
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"could not load a model from {name_or_path!r} ({where}): expected a folder written by "
             f"save_pretrained or a reachable Hugging Face hub repository ({err})"
         ) from err

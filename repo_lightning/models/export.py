@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from repo_lightning.errors import NonFiniteError
+from repo_lightning.finite_guard import count_nonfinite, describe
 from repo_lightning.models.lora import lora_scalings, merge_lora_state_dict
 
 
@@ -35,7 +37,11 @@ def export_pretrained(
 
     Returns:
         The export folder.
+
+    Raises:
+        NonFiniteError: if a weight is NaN or infinite; nothing is written then.
     """
+    refuse_nonfinite_weights(state_dict if state_dict is not None else model.state_dict(), export_dir)
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
@@ -56,6 +62,15 @@ def export_pretrained(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return export_dir
+
+
+def refuse_nonfinite_weights(state_dict: dict[str, torch.Tensor], export_dir: str | Path) -> None:
+    """Raise, naming the first NaN or infinite tensor, rather than export a model the next stage cannot use."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and count_nonfinite(tensor):
+            raise NonFiniteError(
+                f"refusing to export to {str(export_dir)!r}: non-finite weight {describe(name, tensor)}"
+            )
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

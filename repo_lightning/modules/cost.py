@@ -12,6 +12,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from repo_lightning.data.records import PreferenceBatch
+from repo_lightning.errors import ConfigError
+from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_gradients, guard_loss, model_source
 from repo_lightning.models.backbone import DType, load_score_model
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
@@ -20,6 +22,7 @@ from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import cost_model_loss
+from repo_lightning.validation import validate_stage_args
 
 _SPLITS = ("train_", "val_", "test_")
 
@@ -49,6 +52,8 @@ class CostModule(L.LightningModule):
             them as ``model.scoring`` says (e.g. conservatively, mean + kappa * std).
         optimizer: Optimizer factory.
         warmup_steps: Linear warm-up steps.
+        on_nonfinite: On a NaN or infinite training loss or gradient: ``raise`` (stop, naming it) or ``skip``
+            the batch (counted, logged as ``train/nonfinite_skipped``).
         export_dir: Where the model is written in Hugging Face layout at the end of ``fit``.
     """
 
@@ -68,12 +73,15 @@ class CostModule(L.LightningModule):
         ensemble_size: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        on_nonfinite: OnNonFinite = "raise",
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        validate_stage_args(optimizer, warmup_steps, regularization, oracle_margin)
         if ensemble_size < 1:
-            raise ValueError(f"model.init_args.ensemble_size must be >= 1, got {ensemble_size}")
+            raise ConfigError(f"model.init_args.ensemble_size must be >= 1, got {ensemble_size}")
         self.save_hyperparameters(ignore=["optimizer"])
+        self.finite_guard = FiniteGuard(on_nonfinite, model_source(self, "model"))
         self.optimizer = optimizer
         self.model = None
         self.tokenizer = None
@@ -104,7 +112,7 @@ class CostModule(L.LightningModule):
         rates = torch.ones(num_pairs, self.hparams.ensemble_size)
         return torch.poisson(rates, generator=generator).to(self.device)
 
-    def _step(self, batch: PreferenceBatch, split: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: PreferenceBatch, split: str, batch_idx: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
         heads = pair_scores(self.model, batch)
         heads = heads if heads.dim() == 3 else heads.unsqueeze(-1)  # [B, 2, E]
         costs = heads.mean(-1)
@@ -125,6 +133,8 @@ class CostModule(L.LightningModule):
             )
             losses.append(head_loss)
         loss = torch.stack(losses).mean()
+        if split == "train" and not guard_loss(self, self.finite_guard, loss):
+            return None, costs
         safer, unsafer = pick(costs, batch.safer_response_id)
         key = f"{split}_"
         self.accuracy[key]((unsafer > safer).long(), torch.ones_like(safer, dtype=torch.long))
@@ -139,8 +149,8 @@ class CostModule(L.LightningModule):
         self.log(f"{split}/unsafe_response_rate", self.unsafe_response_rate[key], batch_size=size)
         return loss, costs
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        """One cost-model step."""
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor | None:
+        """One cost-model step (``None``, no update, for a skipped non-finite batch)."""
         return self._step(batch, "train", batch_idx)[0]
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
@@ -160,6 +170,10 @@ class CostModule(L.LightningModule):
             agree = ((costs[:, 0] - costs[:, 1]) * gap)[clear] > 0
             self.oracle_accuracy(agree.long(), torch.ones_like(agree, dtype=torch.long))
             self.log("test/oracle_accuracy", self.oracle_accuracy, batch_size=int(clear.sum()))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on (or skip) non-finite gradients before they reach the weights."""
+        guard_gradients(self, self.finite_guard, self.model)
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""

@@ -23,6 +23,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.evaluation import PromptResult, summarize
+from repo_lightning.finite_guard import (
+    FiniteGuard,
+    OnNonFinite,
+    check_finite,
+    count_nonfinite,
+    guard_gradients,
+    model_source,
+)
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.sharding import as_sharding, move_offloaded_to_cpu, shard_models
 from repo_lightning.modules.policy_config import (
@@ -68,6 +76,9 @@ class PolicyModule(L.LightningModule):
         optimizer: Optimizer factory; called with the actor's (and, with critics, the critics') parameter group.
         export_dir: Where the trained actor is written in Hugging Face layout at the end of ``fit``.
         trust_remote_code: Allow hub model code.
+        on_nonfinite: On a NaN or infinite score, value, advantage, loss, gradient or dual statistic: ``raise``
+            (stop before anything is updated, checkpointed or exported, naming the quantity and the model it came
+            from) or ``skip`` the iteration / minibatch (counted, logged as ``train/nonfinite_skipped``).
         seed: Base seed of the per-iteration sampling seed (so resumed runs draw the same samples).
     """
 
@@ -91,6 +102,7 @@ class PolicyModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
+        on_nonfinite: OnNonFinite = "raise",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -120,6 +132,7 @@ class PolicyModule(L.LightningModule):
             self.hparams[name] = plain(group)
         self.hparams["evaluation"], self.hparams["memory"] = plain(self.evaluation), plain(self.memory)
         self.hparams["objective"] = _describe(self.objective)  # plain, so checkpoints load with weights_only
+        self.finite_guard = FiniteGuard(on_nonfinite, "the policy")
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are reloaded from their paths, not stored in checkpoints
         self.optimizer = optimizer
@@ -210,7 +223,25 @@ class PolicyModule(L.LightningModule):
             self.hparams.seed * 1_000_003 + int(self.iteration) * 7919 + self.global_rank * 104_729 + salt
         )
 
+    def _all_finite(self, values: dict[str, tuple[torch.Tensor | None, str]]) -> bool:
+        """Check named tensors (``name: (tensor, source)``) on every rank together; raise or (skip) count."""
+        step = self.global_step
+        bad = next(((n, t, src) for n, (t, src) in values.items() if t is not None and count_nonfinite(t)), None)
+        if self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
+            return True
+        ok = self.finite_guard.fail("non-finite value on another rank", step) if bad is None else None
+        if bad is not None:
+            ok = self.finite_guard.check(bad[0], bad[1], step, bad[2])
+        self.log("train/nonfinite_skipped", float(self.finite_guard.skipped), reduce_fx="max", batch_size=1)
+        return ok
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check the actor's and critics' gradients before they reach the weights (``on_nonfinite`` decides)."""
+        guard_gradients(self, self.finite_guard, self, prefix="")
+
     def _optimizer_step(self, loss: torch.Tensor) -> None:
+        if not self._all_finite({"train/loss": (loss, model_source(self, "actor"))}):
+            return
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)
@@ -223,14 +254,29 @@ class PolicyModule(L.LightningModule):
         k = self.sampling.samples_per_prompt
         self._seed_iteration()
         rollout = self._rollout(batch, k, self.sampling.temperature)
+        scored = {
+            "rewards": (rollout.rewards, "reward_model"),
+            "costs": (rollout.costs, "cost_model"),
+            "logprobs": (rollout.logprobs, "actor"),
+            "ref_logprobs": (rollout.ref_logprobs, "ref_model"),
+            "reward_values": (rollout.reward_values, "reward_critic"),
+            "cost_values": (rollout.cost_values, "cost_critic"),
+        }
+        if not self._all_finite({n: (t, model_source(self, m)) for n, (t, m) in scored.items()}):
+            return
         multiplier = self.dual.value.to(self.device)
         targets = compute_advantages(rollout, self.objective, self.estimation, k, multiplier)
+        where = "the advantage computation (model.init_args.estimation)"
+        if not self._all_finite({"advantages": (targets.advantages, where)}):
+            return
         metrics = ppo_update(self.models, rollout, targets, self.update_config, self.estimation, self._optimizer_step)
         statistic = None
         if self.objective.constrained:
             local = self.objective.statistic(rollout.costs, k)
             statistic = self.trainer.strategy.reduce(local, reduce_op="mean")
-            self.dual.update(statistic.detach().float().cpu().reshape(1))
+            if self._all_finite({"dual_statistic": (statistic, model_source(self, "cost_model"))}):
+                self.dual.update(statistic.detach().float().cpu().reshape(1))
+                check_finite("lagrange_multiplier", self.dual.lagrange_multiplier, "the dual update")
         self.iteration += 1
         multiplier_now = float(self.dual.value[0])
         self.lambda_history.append((int(self.iteration), multiplier_now))

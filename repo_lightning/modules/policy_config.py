@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
+from repo_lightning.errors import ConfigError
 from repo_lightning.models.backbone import DType
 from repo_lightning.models.lora import LoRA, as_lora
 from repo_lightning.models.sharding import Sharding, as_sharding
@@ -25,12 +26,12 @@ Estimator = Literal["gae", "rloo", "grpo"]
 
 def _at_least(group: str, name: str, value: float, low: float) -> None:
     if not value >= low:
-        raise ValueError(f"model.{group}.{name} must be >= {low}, got {value}")
+        raise ConfigError(f"model.init_args.{group}.{name} must be >= {low}, got {value}")
 
 
 def _positive(group: str, name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"model.{group}.{name} must be > 0, got {value}")
+        raise ConfigError(f"model.init_args.{group}.{name} must be > 0, got {value}")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Sampling:
     Attributes:
         samples_per_prompt: ``k`` responses per prompt (the group estimators and ``rectify: prompt`` need >= 2).
         max_new_tokens: Response length cap.
-        temperature: Sampling temperature (log-probabilities are the untempered policy's: keep 1.0 to stay
+        temperature: Sampling temperature, ``> 0`` (log-probabilities are the untempered policy's: keep 1.0 to stay
             on-policy).
         top_p: Nucleus sampling mass in ``(0, 1]``.
         top_k: Top-k cutoff (0 disables).
@@ -55,9 +56,9 @@ class Sampling:
     def __post_init__(self) -> None:
         _at_least("sampling", "samples_per_prompt", self.samples_per_prompt, 1)
         _at_least("sampling", "max_new_tokens", self.max_new_tokens, 1)
-        _at_least("sampling", "temperature", self.temperature, 0.0)
+        _positive("sampling", "temperature", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"model.sampling.top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"model.init_args.sampling.top_p must be in (0, 1], got {self.top_p}")
         _at_least("sampling", "top_k", self.top_k, 0)
 
 
@@ -90,16 +91,18 @@ class Estimation:
 
     def __post_init__(self) -> None:
         if self.estimator not in ("gae", "rloo", "grpo"):
-            raise ValueError(f"model.estimation.estimator must be gae, rloo or grpo, got {self.estimator!r}")
+            raise ConfigError(f"model.init_args.estimation.estimator must be gae, rloo or grpo, got {self.estimator!r}")
         if self.kl_placement not in ("reward", "loss"):
-            raise ValueError(f"model.estimation.kl_placement must be reward or loss, got {self.kl_placement!r}")
+            raise ConfigError(
+                f"model.init_args.estimation.kl_placement must be reward or loss, got {self.kl_placement!r}"
+            )
         _at_least("estimation", "kl_coef", self.kl_coef, 0.0)
         if self.score_clip is not None:
             _positive("estimation", "score_clip", self.score_clip)
         for name in ("gamma", "gae_lambda"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"model.estimation.{name} must be in [0, 1], got {value}")
+                raise ConfigError(f"model.init_args.estimation.{name} must be in [0, 1], got {value}")
 
 
 @dataclass
@@ -145,7 +148,7 @@ class Evaluation:
 
     Attributes:
         samples_per_prompt: ``k`` of the ``test`` evaluation (validation samples one per prompt).
-        temperature: Sampling temperature of validation and evaluation.
+        temperature: Sampling temperature of validation and evaluation (0: greedy).
         report_dir: Where ``test`` writes its report; ``None`` uses ``<log_dir>/evaluation``.
     """
 
@@ -203,8 +206,9 @@ class Scoring:
 
     def __post_init__(self) -> None:
         if self.cost_aggregate not in ("mean", "mean_plus_std", "max"):
-            raise ValueError(
-                f"model.scoring.cost_aggregate must be mean, mean_plus_std or max, got {self.cost_aggregate!r}"
+            raise ConfigError(
+                "model.init_args.scoring.cost_aggregate must be mean, mean_plus_std or max, "
+                f"got {self.cost_aggregate!r}"
             )
         _at_least("scoring", "cost_kappa", self.cost_kappa, 0.0)
 
@@ -222,7 +226,7 @@ def as_group(cls: type[Group], value: Group | dict | None) -> Group:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; expected some of {sorted(known)}")
+            raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; expected some of {sorted(known)}")
         return cls(**value)
     raise TypeError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
 

@@ -9,6 +9,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 
 from repo_lightning.data.records import PreferenceBatch
+from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_gradients, guard_loss, model_source
 from repo_lightning.models.backbone import DType, load_score_model
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
@@ -17,6 +18,7 @@ from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import reward_model_loss
+from repo_lightning.validation import validate_stage_args
 
 
 class RewardModule(L.LightningModule):
@@ -37,6 +39,8 @@ class RewardModule(L.LightningModule):
             rewards differ by at least this much.
         optimizer: Optimizer factory.
         warmup_steps: Linear warm-up steps.
+        on_nonfinite: On a NaN or infinite training loss or gradient: ``raise`` (stop, naming it) or ``skip``
+            the batch (counted, logged as ``train/nonfinite_skipped``).
         export_dir: Where the model is written in Hugging Face layout at the end of ``fit``
             (``AutoModelForSequenceClassification.from_pretrained(path)`` loads it with ``num_labels=1``).
     """
@@ -56,10 +60,13 @@ class RewardModule(L.LightningModule):
         oracle_margin: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        on_nonfinite: OnNonFinite = "raise",
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        validate_stage_args(optimizer, warmup_steps, regularization, oracle_margin)
         self.save_hyperparameters(ignore=["optimizer"])
+        self.finite_guard = FiniteGuard(on_nonfinite, model_source(self, "model"))
         self.optimizer = optimizer
         self.model = None
         self.tokenizer = None
@@ -80,10 +87,12 @@ class RewardModule(L.LightningModule):
         """Rewards of both responses of each pair, ``[B, 2]``."""
         return pair_scores(self.model, batch)
 
-    def _step(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor | None, torch.Tensor]:
         scores = self(batch)
         better, worse = pick(scores, batch.better_response_id)
         loss, stats = reward_model_loss(better, worse, self.hparams.regularization)
+        if split == "train" and not guard_loss(self, self.finite_guard, loss):
+            return None, scores
         metric = self.accuracy[f"{split}_"]
         metric((better > worse).long(), torch.ones_like(better, dtype=torch.long))
         size = batch.num_pairs
@@ -93,8 +102,8 @@ class RewardModule(L.LightningModule):
         self.log(f"{split}/margin", stats["margin"], sync_dist=True, batch_size=size)
         return loss, scores
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        """One reward-model step."""
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor | None:
+        """One reward-model step (``None``, no update, for a skipped non-finite batch)."""
         return self._step(batch, "train")[0]
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
@@ -112,6 +121,10 @@ class RewardModule(L.LightningModule):
             agree = ((scores[:, 0] - scores[:, 1]) * gap)[clear] > 0
             self.oracle_accuracy(agree.long(), torch.ones_like(agree, dtype=torch.long))
             self.log("test/oracle_accuracy", self.oracle_accuracy, batch_size=int(clear.sum()))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on (or skip) non-finite gradients before they reach the weights."""
+        guard_gradients(self, self.finite_guard, self.model)
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from repo_lightning.data.records import SFTBatch
+from repo_lightning.finite_guard import FiniteGuard, OnNonFinite, guard_gradients, guard_loss, model_source
 from repo_lightning.models.backbone import DType, load_causal_lm
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.lora import LoRA
@@ -16,6 +17,7 @@ from repo_lightning.models.sharding import Sharding
 from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.rl.losses import sft_loss
+from repo_lightning.validation import validate_stage_args
 
 
 class SFTModule(L.LightningModule):
@@ -33,6 +35,8 @@ class SFTModule(L.LightningModule):
         sharding: FSDP2 layout under ``ModelParallelStrategy`` (ignored by other strategies).
         optimizer: Optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-3}}``.
         warmup_steps: Linear learning-rate warm-up steps.
+        on_nonfinite: On a NaN or infinite training loss or gradient: ``raise`` (stop, naming it) or ``skip``
+            the batch (counted, logged as ``train/nonfinite_skipped``).
         export_dir: Where the model and tokenizer are written in Hugging Face layout at the end of ``fit``.
     """
 
@@ -49,10 +53,13 @@ class SFTModule(L.LightningModule):
         sharding: Sharding | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        on_nonfinite: OnNonFinite = "raise",
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        validate_stage_args(optimizer, warmup_steps)
         self.save_hyperparameters(ignore=["optimizer"])
+        self.finite_guard = FiniteGuard(on_nonfinite, model_source(self, "model"))
         self.optimizer = optimizer
         self.model = None
         self.tokenizer = None
@@ -67,9 +74,11 @@ class SFTModule(L.LightningModule):
         """Logits ``[B, L, V]``."""
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
-    def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
-        """One SFT step."""
+    def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor | None:
+        """One SFT step (``None``, no update, for a skipped non-finite batch)."""
         loss = sft_loss(self(batch), batch.labels)
+        if not guard_loss(self, self.finite_guard, loss):
+            return None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch.input_ids.shape[0])
         return loss
 
@@ -79,6 +88,10 @@ class SFTModule(L.LightningModule):
         size = batch.input_ids.shape[0]
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log("val/perplexity", math.exp(min(loss.item(), 50.0)), sync_dist=True, batch_size=size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on (or skip) non-finite gradients before they reach the weights."""
+        guard_gradients(self, self.finite_guard, self.model)
 
     def configure_optimizers(self):
         """Optimizer (and warm-up) from the injected factory."""

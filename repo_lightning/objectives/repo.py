@@ -18,6 +18,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from repo_lightning.errors import ConfigError
 from repo_lightning.objectives.objective import Objective, matched_cost_kl_coef
 from repo_lightning.rl.advantages import combine_advantages, rectified_costs
 from repo_lightning.rl.dual import rectified_cost_statistic, unsafe_rate_statistic
@@ -51,13 +52,20 @@ class RePO(Objective):
         cost_kl_coef: float | None = None,
     ) -> None:
         if rectify not in ("sample", "prompt"):
-            raise ValueError(f"objective.rectify must be 'sample' or 'prompt', got {rectify!r}")
+            raise ConfigError(
+                f"model.init_args.objective.init_args.rectify must be 'sample' or 'prompt', got {rectify!r}"
+            )
         if constraint not in ("unsafe_rate", "rectified_cost"):
-            raise ValueError(f"objective.constraint must be 'unsafe_rate' or 'rectified_cost', got {constraint!r}")
+            raise ConfigError(
+                "model.init_args.objective.init_args.constraint must be 'unsafe_rate' or 'rectified_cost', "
+                f"got {constraint!r}"
+            )
         if not 0.0 <= target_unsafe_rate < 1.0:
-            raise ValueError(f"objective.target_unsafe_rate must be in [0, 1), got {target_unsafe_rate}")
+            raise ConfigError(
+                f"model.init_args.objective.init_args.target_unsafe_rate must be in [0, 1), got {target_unsafe_rate}"
+            )
         if not tolerance >= 0.0:
-            raise ValueError(f"objective.tolerance must be >= 0, got {tolerance}")
+            raise ConfigError(f"model.init_args.objective.init_args.tolerance must be >= 0, got {tolerance}")
         self.rectify = rectify
         self.constraint = constraint
         self.target_unsafe_rate = target_unsafe_rate

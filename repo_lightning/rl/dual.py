@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from repo_lightning.errors import ConfigError
+
 # Floor of the log rule's lam: at 0 the multiplicative step lam * exp(...) could never move it again.
 _FLOOR = torch.finfo(torch.float32).tiny
 
@@ -146,7 +148,7 @@ class DualRule(torch.nn.Module):
     def check_initial(self, initial: float) -> None:
         """Raise ``ValueError`` if the rule cannot start from ``initial``."""
         if not initial >= 0:
-            raise ValueError(f"dual.initial must be >= 0, got {initial}")
+            raise ConfigError(f"model.init_args.dual.init_args.initial must be >= 0, got {initial}")
 
     def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
         """New multiplier(s) from the current ones and the (windowed) statistic; ``previous`` is ``None`` at first."""
@@ -163,13 +165,13 @@ class LogRule(DualRule):
     def __init__(self, lr: float = 0.1) -> None:
         super().__init__()
         if not lr > 0:
-            raise ValueError(f"dual.rule.lr must be > 0, got {lr}")
+            raise ConfigError(f"model.init_args.dual.init_args.rule.init_args.lr must be > 0, got {lr}")
         self.lr = lr
 
     def check_initial(self, initial: float) -> None:
         """The log rule multiplies lam: it must start above 0."""
         if not initial > 0:
-            raise ValueError(f"dual.initial must be > 0 for the log rule, got {initial}")
+            raise ConfigError(f"model.init_args.dual.init_args.initial must be > 0 for the log rule, got {initial}")
 
     def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
         """:func:`log_rule`."""
@@ -186,7 +188,7 @@ class AdditiveRule(DualRule):
     def __init__(self, lr: float = 0.1) -> None:
         super().__init__()
         if not lr > 0:
-            raise ValueError(f"dual.rule.lr must be > 0, got {lr}")
+            raise ConfigError(f"model.init_args.dual.init_args.rule.init_args.lr must be > 0, got {lr}")
         self.lr = lr
 
     def step(self, multiplier: Tensor, statistic: Tensor, previous: Tensor | None, maximum: float) -> Tensor:
@@ -210,7 +212,7 @@ class PIDRule(DualRule):
         super().__init__()
         for name, gain in (("kp", kp), ("ki", ki), ("kd", kd)):
             if not gain >= 0:
-                raise ValueError(f"dual.rule.{name} must be >= 0, got {gain}")
+                raise ConfigError(f"model.init_args.dual.init_args.rule.init_args.{name} must be >= 0, got {gain}")
         self.kp, self.ki, self.kd = kp, ki, kd
         self.register_buffer("integral", torch.zeros(1, dtype=torch.float32))
 
@@ -256,16 +258,22 @@ class DualVariable(torch.nn.Module):
         super().__init__()
         rule = LogRule() if rule is None else rule
         if not isinstance(rule, DualRule):
-            raise TypeError(f"dual.rule must be a DualRule (LogRule, AdditiveRule, PIDRule, ...), got {rule!r}")
+            raise ConfigError(
+                "model.init_args.dual.init_args.rule must be a DualRule (LogRule, AdditiveRule, PIDRule, ...), "
+                f"got {rule!r}"
+            )
         if num_costs < 1:
-            raise ValueError(f"dual.num_costs must be >= 1, got {num_costs}")
+            raise ConfigError(f"model.init_args.dual.init_args.num_costs must be >= 1, got {num_costs}")
         rule.check_initial(initial)
         if not maximum >= initial:
-            raise ValueError(f"dual.maximum ({maximum}) must be >= dual.initial ({initial})")
+            raise ConfigError(
+                f"model.init_args.dual.init_args.maximum ({maximum}) must be >= "
+                f"model.init_args.dual.init_args.initial ({initial})"
+            )
         if update_delay < 0:
-            raise ValueError(f"dual.update_delay must be >= 0, got {update_delay}")
+            raise ConfigError(f"model.init_args.dual.init_args.update_delay must be >= 0, got {update_delay}")
         if window < 1:
-            raise ValueError(f"dual.window must be >= 1, got {window}")
+            raise ConfigError(f"model.init_args.dual.init_args.window must be >= 1, got {window}")
         self.rule = rule
         rule.bind(num_costs)
         self.num_costs = num_costs

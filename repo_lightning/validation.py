@@ -1,0 +1,122 @@
+"""Range checks of config values, done where a value is declared, with errors in the config's own key names.
+
+Each check takes the key as the user writes it (``model.init_args.actor_lr``, ``data.val_fraction``) and raises
+:class:`~repo_lightning.errors.ConfigError` with that key, the rule and the value given, so a wrong setting stops the
+run before any folder is written. NaN fails every range check (``not nan > 0``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from repo_lightning.errors import ConfigError, MissingInputError
+
+
+def check_positive(key: str, value: float | None) -> None:
+    """``value > 0`` (``None`` means unset and passes)."""
+    if value is not None and not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def check_non_negative(key: str, value: float | None) -> None:
+    """``value >= 0`` (``None`` passes)."""
+    if value is not None and not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+def check_finite(key: str, value: float | None) -> None:
+    """``value`` is a finite number (``None`` passes)."""
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def check_probability(key: str, value: float | None, open_low: bool = False) -> None:
+    """``value`` in ``[0, 1]`` (``(0, 1]`` with ``open_low``; ``None`` passes)."""
+    if value is None:
+        return
+    low_ok = value > 0 if open_low else value >= 0
+    if not (low_ok and value <= 1):
+        raise ConfigError(f"{key} must be in {'(0' if open_low else '[0'}, 1], got {value}")
+
+
+def check_at_least(key: str, value: float | None, minimum: float, minimum_key: str | None = None) -> None:
+    """``value >= minimum``; ``minimum_key`` names the setting the minimum comes from (``lagrange_init``)."""
+    if value is None or value >= minimum:
+        return
+    bound = f"{minimum_key} ({minimum})" if minimum_key else f"{minimum}"
+    raise ConfigError(f"{key} must be >= {bound}, got {value}")
+
+
+def check_optimizer(key: str, optimizer: Callable) -> None:
+    """Check the learning rate of an optimizer factory from the config (``functools.partial`` with ``lr``).
+
+    Args:
+        key: The factory's key, e.g. ``model.init_args.optimizer``; the error names ``<key>.init_args.lr``.
+        optimizer: The factory; one without readable keywords (a plain class) is not checked.
+    """
+    lr = getattr(optimizer, "keywords", {}).get("lr")
+    if lr is not None and not isinstance(lr, bool) and isinstance(lr, int | float):
+        check_positive(f"{key}.init_args.lr", lr)
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local file or folder rather than a Hugging Face hub repository (``owner/name``).
+
+    Absolute, ``./``, ``../`` and ``~`` paths are local, as is anything with more than one ``/`` or whose first
+    component exists here (``lightning_logs/demo/exports/sft``); ``owner/name`` with no such folder is a hub name.
+    """
+    if path.startswith(("/", "./", "../", "~")) or path in (".", ".."):
+        return True
+    parts = Path(path).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists()) or Path(path).exists()
+
+
+def check_model_path(key: str, path: str | None) -> None:
+    """A model given as a local folder must exist and hold a ``config.json`` (hub names are left to the loader).
+
+    Raises:
+        MissingInputError: ``<key>: no model at '<path>' (...)``.
+    """
+    if path is None:
+        return
+    if not looks_local(path):
+        _check_offline_hub_model(key, path)
+        return
+    folder = Path(os.path.expanduser(path))
+    if not folder.exists():
+        raise MissingInputError(f"{key}: no model at {path!r} (no such folder); train that stage first or fix the path")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise MissingInputError(
+            f"{key}: no model at {path!r} (expected a folder written by save_pretrained, with a config.json)"
+        )
+
+
+def _check_offline_hub_model(key: str, name: str) -> None:
+    """Offline, a hub name must already be in the local cache (else the loader's message names no key)."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    if is_offline_mode() and try_to_load_from_cache(name, "config.json") is None:
+        raise MissingInputError(
+            f"{key}: no model at {name!r}: no such local folder, and no cached hub repository of that name "
+            "(HF_HUB_OFFLINE is set)"
+        )
+
+
+def check_tokenizer_path(key: str, path: str | None) -> None:
+    """A tokenizer given as a local folder must exist."""
+    if path is not None and looks_local(path) and not Path(os.path.expanduser(path)).is_dir():
+        raise MissingInputError(f"{key}: no tokenizer at {path!r} (no such folder)")
+
+
+def validate_stage_args(
+    optimizer: Callable, warmup_steps: int, regularization: float = 0.0, oracle_margin: float = 0.0
+) -> None:
+    """Ranges of the SFT, reward and cost modules' numeric arguments (``model.init_args.*``)."""
+    prefix = "model.init_args"
+    check_optimizer(f"{prefix}.optimizer", optimizer)
+    check_non_negative(f"{prefix}.warmup_steps", warmup_steps)
+    check_non_negative(f"{prefix}.regularization", regularization)
+    check_non_negative(f"{prefix}.oracle_margin", oracle_margin)
