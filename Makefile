@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check repo_lightning tests benchmarks
 
 benchmark: install
-	$(PY) benchmarks/safety_compensation.py
+	$(PY) -m benchmarks.safety_compensation
 
 clean:
 	rm -rf lightning_logs/demo .cache
