@@ -221,10 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-dir", default="configs/demo", help="stage configs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
     parser.add_argument(
-        "--algorithms", nargs="+", default=["repo"], choices=["ppo", "ppo_lag", "repo"], help="policies to train"
+        "--algorithms",
+        nargs="+",
+        default=["repo"],
+        help="policy configs to train, by name in --config-dir (ppo, ppo_lag, repo, repo_rloo, ...)",
     )
     parser.add_argument("--quiet", action="store_true", help="write stage output to <root>/logs/*.log")
     args = parser.parse_args(argv)
+    missing = [a for a in args.algorithms if not (Path(args.config_dir) / f"{a}.yaml").is_file()]
+    if missing:
+        parser.error(f"--algorithms: no config {', '.join(f'{args.config_dir}/{a}.yaml' for a in missing)}")
     start = time.perf_counter()
     pipeline = Pipeline(args.root, args.config_dir, args.seed, quiet=args.quiet)
     pipeline.train_models()
