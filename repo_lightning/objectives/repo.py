@@ -34,8 +34,15 @@ class RePO(Objective):
             ``target_unsafe_rate``) or ``rectified_cost`` (the paper's ``mean({C}^+) - tolerance``).
         target_unsafe_rate: Unsafe share the ``unsafe_rate`` constraint tolerates, in ``[0, 1)``.
         tolerance: Allowed ``mean({C}^+)`` of the ``rectified_cost`` constraint, ``>= 0``.
-        normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor on unsafe samples.
+        normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor on the mixed samples.
         cost_kl_coef: ``beta_c``; ``None`` gives every sample the KL weight ``beta``.
+        mix: Which samples get the mix ``A_R - lam A_C``: ``unsafe`` (algorithm.md section 6: safe samples keep
+            ``A_R``) or ``all``. With ``all``, a safe sample's cost signal is still 0 (``{C}^+``), so its cost
+            advantage is only the baseline term: ``A_C = -b_C``. Gating by the sample's own safety gives safe and
+            unsafe samples different baselines (``b_R`` vs ``b_R - lam b_C``), a baseline that depends on the
+            sampled answer, which biases the policy gradient of ``E[R - lam {C}^+]``; ``all`` is the unbiased
+            estimate of that Lagrangian's gradient. With a group baseline (``rloo``) it rewards a safe answer on a
+            prompt whose other answers were unsafe by ``lam`` times their mean violation (docs/algorithm.md 10).
     """
 
     name = "repo"
@@ -50,6 +57,7 @@ class RePO(Objective):
         tolerance: float = 0.0,
         normalize_advantage_mix: bool = True,
         cost_kl_coef: float | None = None,
+        mix: Literal["unsafe", "all"] = "unsafe",
     ) -> None:
         if rectify not in ("sample", "prompt"):
             raise ConfigError(
@@ -66,6 +74,9 @@ class RePO(Objective):
             )
         if not tolerance >= 0.0:
             raise ConfigError(f"model.init_args.objective.init_args.tolerance must be >= 0, got {tolerance}")
+        if mix not in ("unsafe", "all"):
+            raise ConfigError(f"model.init_args.objective.init_args.mix must be 'unsafe' or 'all', got {mix!r}")
+        self.mix = mix
         self.rectify = rectify
         self.constraint = constraint
         self.target_unsafe_rate = target_unsafe_rate
@@ -84,8 +95,9 @@ class RePO(Objective):
     def combine(
         self, reward_advantages: Tensor, cost_advantages: Tensor | None, multiplier: Tensor, unsafe: Tensor | None
     ) -> Tensor:
-        """``A_R`` on safe samples, the mix on unsafe ones."""
-        return combine_advantages(reward_advantages, cost_advantages, multiplier, unsafe, self.normalize_advantage_mix)
+        """``A_R`` on safe samples and the mix on unsafe ones (``mix: unsafe``), or the mix on every sample."""
+        gate = unsafe if self.mix == "unsafe" else None
+        return combine_advantages(reward_advantages, cost_advantages, multiplier, gate, self.normalize_advantage_mix)
 
     def statistic(self, costs: Tensor, samples_per_prompt: int) -> Tensor:
         """Unsafe share minus the target, or ``mean({C}^+) - tolerance`` (per prompt with ``rectify: prompt``)."""
