@@ -127,3 +127,18 @@ def test_settings_groups_name_the_key_of_a_bad_value():
     with pytest.raises(ValueError, match="unknown key"):
         as_group(Sampling, {"samples": 2})
     assert as_group(Sampling, {"samples_per_prompt": 3}) == Sampling(samples_per_prompt=3)
+
+
+def test_repo_mix_all_gives_safe_samples_the_baseline_only_cost_advantage():
+    # k = 2, one prompt: sample 0 safe (C = -1), sample 1 unsafe (C = 2); rewards [1, 3]; RLOO; lam = 2.
+    # A_R = [1 - 3, 3 - 1] = [-2, 2]; cost signal {C}^+ = [0, 2] -> A_C = [0 - 2, 2 - 0] = [-2, 2].
+    # mix: unsafe -> [A_R, A_R - lam A_C] = [-2, 2 - 4] = [-2, -2]: the safe answer is pushed down as hard as the
+    #   unsafe one (its reward baseline holds the unsafe sibling's reward but not its penalty).
+    # mix: all    -> A_R - lam A_C = [-2 + 4, 2 - 4] = [2, -2]: the safe answer wins, as under R - lam {C}^+.
+    rollout = _rollout([1.0, 3.0], [-1.0, 2.0], [True, True])
+    gated = _advantages(rollout, RePO(normalize_advantage_mix=False), lam=2.0, estimator="rloo").advantages
+    torch.testing.assert_close(gated[:, 0], torch.tensor([-2.0, -2.0]))
+    full = _advantages(rollout, RePO(normalize_advantage_mix=False, mix="all"), lam=2.0, estimator="rloo").advantages
+    torch.testing.assert_close(full[:, 0], torch.tensor([2.0, -2.0]))
+    with pytest.raises(ValueError, match="mix"):
+        RePO(mix="some")  # type: ignore[arg-type]
