@@ -118,11 +118,11 @@ def test_group_estimator_kl_in_reward_is_summed_over_the_response():
 def test_settings_groups_name_the_key_of_a_bad_value():
     from repo_lightning.modules.policy_config import PPOUpdate, Sampling, as_group
 
-    with pytest.raises(ValueError, match=r"model\.update\.actor_lr must be > 0, got -1"):
+    with pytest.raises(ValueError, match=r"model\.init_args\.update\.actor_lr must be > 0, got -1"):
         PPOUpdate(actor_lr=-1)
-    with pytest.raises(ValueError, match=r"model\.sampling\.top_p"):
+    with pytest.raises(ValueError, match=r"model\.init_args\.sampling\.top_p"):
         Sampling(top_p=1.5)
-    with pytest.raises(ValueError, match=r"model\.estimation\.estimator"):
+    with pytest.raises(ValueError, match=r"model\.init_args\.estimation\.estimator"):
         Estimation(estimator="vtrace")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown key"):
         as_group(Sampling, {"samples": 2})
