@@ -82,6 +82,11 @@ def parse_args(argv=None):
         default="adamw_fused",
         help="adamw_fused: AdamW(fused=True, weight_decay=0) as TRL's adamw_torch_fused; adamw: the module default",
     )
+    r.add_argument(
+        "--attn-implementation",
+        default=None,
+        help="model.attn_implementation (sdpa, eager); default: the library's (sdpa)",
+    )
     r.add_argument("--profile", choices=["cprofile", "torch"], default=None, help="profile the timed iterations")
     r.add_argument("--profile-out", default=None, help="profile output path (.prof / .json trace)")
     r.add_argument("--workdir", default=None)
@@ -207,6 +212,8 @@ def config(root: str, a) -> str:
         "export_dir": None,
         "seed": a.seed,
     }
+    if a.attn_implementation:
+        model["attn_implementation"] = a.attn_implementation
     if a.optimizer == "adamw_fused":
         model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"fused": True, "weight_decay": 0.0}}
     if a.algorithm != "ppo":
