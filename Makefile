@@ -8,7 +8,10 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint benchmark clean
+# TRL 0.24 (the last TRL with PPOTrainer) in its own venv, for `make throughput` only; torch first, pinned, as above.
+BENCH_VENV ?= .bench-venv
+
+.PHONY: install demo test test-fast lint benchmark throughput clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +37,17 @@ lint: install
 
 benchmark: install
 	$(PY) -m benchmarks.safety_compensation
+
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BENCH_VENV)/bin/python -m pip install -q trl==0.24.0 "transformers<5" accelerate
+	touch $@
+
+# Side by side with TRL's PPOTrainer (docs/performance.md); THROUGHPUT_ARGS e.g. "--workloads W1 --reps 3".
+throughput: install $(BENCH_VENV)/.installed
+	$(PY) benchmarks/throughput.py --trl-python $(BENCH_VENV)/bin/python $(THROUGHPUT_ARGS)
 
 clean:
 	rm -rf lightning_logs/demo .cache

@@ -165,7 +165,8 @@ class Pipeline:
         checkpoint = latest_checkpoint(self.root / "logs" / run_name)
         out = self.root / "eval" / name
         args = self._policy_args(algorithm, run_name, extra)
-        self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", f"--model.init_args.evaluation.report_dir={out}"])
+        report = f"--model.init_args.evaluation.report_dir={out}"
+        self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", report])
         return out
 
     def train_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:

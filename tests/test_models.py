@@ -7,7 +7,15 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
-from repo_lightning.models.backbone import load_causal_lm, load_score_model, load_tokenizer, sequence_scores
+from repo_lightning.models.backbone import (
+    FusedGELUTanh,
+    disable_dropout,
+    fuse_activations,
+    load_causal_lm,
+    load_score_model,
+    load_tokenizer,
+    sequence_scores,
+)
 from repo_lightning.models.export import export_pretrained
 from repo_lightning.models.scorer import Scorer, decode_responses, same_tokenizer, score_samples
 from repo_lightning.safetyworld import World, WorldConfig
@@ -29,6 +37,41 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 # --- loading ------------------------------------------------------------------------------------------------
+
+
+def test_fused_gelu_is_gelu_new_up_to_rounding_and_keeps_weights_and_config(tiny_exports, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import NewGELUActivation
+
+    tok = load_tokenizer(tiny_exports["tokenizer"])
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0)
+    reference = GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(tmp_path / "gpt2")
+    fused = load_causal_lm(tok, model_name_or_path=str(tmp_path / "gpt2")).eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, FusedGELUTanh) for m in fused.modules()) == 2
+    assert fused.config.activation_function == "gelu_new"
+    _assert_same_weights(_state(reference), _state(fused))
+    ids = torch.randint(3, len(tok), (2, 8))
+    torch.testing.assert_close(fused(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(FusedGELUTanh()(x), NewGELUActivation()(x), rtol=0, atol=1e-6)
+    plain = load_causal_lm(tok, model_name_or_path=str(tmp_path / "gpt2"), fused_activations=False)
+    assert sum(isinstance(m, NewGELUActivation) for m in plain.modules()) == 2
+    assert fuse_activations(plain) is plain and not any(isinstance(m, NewGELUActivation) for m in plain.modules())
+
+
+def test_disable_dropout_zeroes_every_dropout(tiny_exports):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_exports["tokenizer"])
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2)).train()
+    assert any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert disable_dropout(model) is model
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.randint(3, len(tok), (2, 8))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)  # deterministic in train mode
 
 
 def test_causal_lm_from_config_takes_vocab_and_special_ids_from_tokenizer(tiny_exports, tiny_model_config):
