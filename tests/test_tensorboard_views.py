@@ -1,0 +1,211 @@
+"""TensorBoardViews: the layout, constants, sample text and hparams are in the event files, read back as TensorBoard
+reads them (EventAccumulator and the plugins' own parsers). A small fake policy module stands in for PolicyModule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from torch.utils.data import DataLoader, TensorDataset
+
+from repo_lightning.callbacks import TensorBoardViews
+from repo_lightning.callbacks.tensorboard_views import constraint_constants, samples_markdown
+from repo_lightning.data.records import PromptBatch
+
+
+@dataclass
+class FakeRollout:
+    prompts: list[str]
+    responses: list[str]
+    rewards: torch.Tensor
+    costs: torch.Tensor | None
+
+
+class FakePolicy(L.LightningModule):
+    """Logs the policy's scalar names and exposes ``last_rollout`` (2 prompts x k=2 samples) like PolicyModule."""
+
+    def __init__(self, algorithm: str = "repo", lagrange_max: float = 5.0, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.hparams["tolerance"] = 0.0
+        self.hparams["samples_per_prompt"] = 2
+        self.layer = torch.nn.Linear(1, 1)
+        self.iteration = 0
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        self.iteration += 1
+        loss = self.layer(batch[0]).pow(2).mean()
+        for key, value in {"lambda": 1.0 + batch_idx, "dual_statistic": 0.3, "unsafe_frac": 0.25}.items():
+            self.log(f"train/{key}", value, batch_size=1)
+        self.log("val/true_unsafe_frac", 0.5, batch_size=1)
+        self.last_rollout = FakeRollout(
+            prompts=["how do I bake bread", "how do I bake bread", "tell me | about knives", "tell me | about knives"],
+            responses=[f"answer {self.iteration}a", "other", f"answer {self.iteration}b", "other"],
+            rewards=torch.tensor([1.5, 0.0, -0.25, 0.0]),
+            costs=torch.tensor([-1.0, 0.0, 2.0, 0.0]),
+        )
+        return loss
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.log("test/unsafe_prompt_rate", 0.125, batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=1)
+
+
+def _events(folder: Path) -> EventAccumulator:
+    (events,) = folder.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EventAccumulator]:
+    """One fit (4 iterations, text every 2) and one test run of the fake policy, read back."""
+    root = tmp_path_factory.mktemp("views")
+    module = FakePolicy()
+    out = {}
+    for stage in ("fit", "test"):
+        trainer = L.Trainer(
+            max_epochs=1,
+            log_every_n_steps=1,
+            logger=TensorBoardLogger(root, name="policy", default_hp_metric=False),
+            callbacks=[TensorBoardViews(text_every_n_iterations=2, text_samples=2)],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        if stage == "fit":
+            trainer.fit(module, _loader())
+        else:
+            trainer.test(module, _loader())
+        out[stage] = _events(Path(trainer.logger.log_dir))
+    return out
+
+
+def test_layout_puts_lambda_and_its_statistic_on_one_chart(runs):
+    (tensor,) = runs["fit"].Tensors(custom_scalar_metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(tensor.tensor_proto.string_val[0])
+    sections = {category.title: category for category in layout.category}
+    assert list(sections) == ["Dual variables", "Safety", "Helpfulness"]
+    charts = {chart.title: list(chart.multiline.tag) for chart in sections["Dual variables"].chart}
+    lambda_chart = next(tags for title, tags in charts.items() if "statistic" in title)
+    assert any(tag for tag in lambda_chart if _matches(tag, "train/lambda"))
+    assert any(tag for tag in lambda_chart if _matches(tag, "train/dual_statistic"))
+    cap_chart = next(tags for title, tags in charts.items() if "cap" in title)
+    assert any(_matches(tag, "dual/lagrange_max") for tag in cap_chart)
+    safety = [tag for chart in sections["Safety"].chart for tag in chart.multiline.tag]
+    for name in (
+        "train/unsafe_frac",
+        "train/true_unsafe_frac",
+        "val/unsafe_prompt_frac",
+        "val/true_unsafe_prompt_frac",
+    ):
+        assert any(_matches(tag, name) for tag in safety), name
+
+
+def _matches(regex: str, tag: str) -> bool:
+    import re
+
+    return re.match(regex, tag) is not None  # the custom-scalars plugin matches with re.match
+
+
+def test_constraint_constants_are_scalars_on_the_training_axis(runs):
+    scalars = runs["fit"].Tags()["scalars"]
+    assert "dual/tolerance" in scalars and "dual/threshold" not in scalars  # repo bounds {C}+, not the mean cost
+    assert [event.value for event in runs["fit"].Scalars("dual/lagrange_max")] == [5.0] * 4
+    assert [e.step for e in runs["fit"].Scalars("dual/lagrange_max")] == [
+        e.step for e in runs["fit"].Scalars("train/lambda")
+    ]
+    assert "hp_metric" not in scalars
+
+
+def test_samples_panel_shows_one_response_per_prompt_with_reward_and_cost(runs):
+    texts = runs["fit"].Tensors("samples/train/text_summary")
+    assert [t.step for t in texts] == [2, 4]  # every 2 iterations, at the module's iteration counter
+    text = texts[-1].tensor_proto.string_val[0].decode()
+    assert "answer 4a" in text and "answer 4b" in text and "other" not in text  # first of the k=2 samples
+    assert "tell me \\| about knives" in text  # a "|" in a prompt cannot break the table
+    assert "| 1.500 | -1.000 |" in text and "| -0.250 | 2.000 |" in text
+
+
+def test_hparams_carry_final_metrics_instead_of_hp_metric(runs):
+    content = runs["fit"].PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert {"train/lambda", "train/dual_statistic", "train/unsafe_frac", "val/true_unsafe_frac"} <= metrics
+    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["algorithm"].string_value == "repo"
+    assert start.hparams["lagrange_max"].number_value == 5.0
+    test_content = runs["test"].PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    test_experiment = hparams_metadata.parse_experiment_plugin_data(test_content[hparams_metadata.EXPERIMENT_TAG])
+    assert [info.name.tag for info in test_experiment.metric_infos] == ["test/unsafe_prompt_rate"]
+    assert runs["test"].Scalars("test/unsafe_prompt_rate")[-1].value == 0.125
+
+
+@pytest.mark.parametrize(
+    ("hparams", "expected"),
+    [
+        (
+            {"algorithm": "ppo_lag", "lagrange_max": 5, "threshold": -1.0, "tolerance": 0.0},
+            {"lagrange_max", "threshold"},
+        ),
+        ({"algorithm": "repo", "lagrange_max": 5.0, "tolerance": 0.1}, {"lagrange_max", "tolerance"}),
+        ({"algorithm": "ppo", "lagrange_max": 5.0}, set()),
+        ({"lagrange_cap": 5.0, "threshold": None}, set()),  # renamed or unset keys are skipped, not an error
+        ({"lagrange_max": 5.0, "tolerance": 0.0}, {"lagrange_max", "tolerance"}),
+    ],
+)
+def test_constraint_constants_follow_the_algorithm_and_skip_missing_keys(hparams, expected):
+    assert set(constraint_constants(hparams)) == {f"dual/{name}" for name in expected}
+
+
+def test_samples_markdown_without_costs_or_truth():
+    text = samples_markdown(["p"], ["r"], [1.0], None)
+    assert text.splitlines() == ["| prompt | response | reward R |", "|---|---|---:|", "| p | r | 1.000 |"]
+
+
+class SamplingPolicy(L.LightningModule):
+    """A module without ``last_rollout``: the callback asks its ``rollout`` method for samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters({"temperature": 0.7})
+        self.calls = []
+
+    def rollout(self, batch: PromptBatch, samples_per_prompt: int, temperature: float, with_values: bool = True):
+        self.calls.append((list(batch.prompts), samples_per_prompt, temperature, with_values))
+        torch.rand(100)  # sampling consumes random numbers
+        n = len(batch.prompts)
+        return FakeRollout(list(batch.prompts), ["ok"] * n, torch.zeros(n), None)
+
+
+def test_without_last_rollout_the_callback_samples_on_a_forked_random_state():
+    module = SamplingPolicy()
+    batch = PromptBatch(
+        input_ids=torch.ones(3, 2, dtype=torch.long),
+        attention_mask=torch.ones(3, 2, dtype=torch.long),
+        prompts=["a", "b", "c"],
+        index=torch.arange(3),
+        meta=[{}, {}, {}],
+    )
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    rollout = TensorBoardViews(text_samples=2)._sample(module, batch)
+    assert torch.equal(torch.random.get_rng_state(), before)  # training draws the same samples as without it
+    assert module.calls == [(["a", "b"], 1, 0.7, False)]
+    assert rollout.prompts == ["a", "b"]
