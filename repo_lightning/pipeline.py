@@ -4,6 +4,10 @@ Each stage is an ordinary ``python -m repo_lightning`` run of a shipped config (
 hand), with the run folder, export folders and seed overridden on the command line. At the end the evaluation of the
 SFT start and of each trained policy are printed side by side and written to ``<root>/summary.md``.
 
+The terminal shows one line per stage (a progress bar on a terminal, then the wall time); each stage's full output
+is in ``<root>/logs/<stage>.log``, named with its last lines if the stage fails. ``--verbose`` shows everything as
+it comes. Held-out figures are added to the exports' model cards (``README.md``) as each evaluation finishes.
+
 Example::
 
     python -m repo_lightning.pipeline --root lightning_logs/demo
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from repo_lightning.console import VERBOSE_ENV, StageFailed, run_stage, silence_known_noise
 from repo_lightning.evaluation import format_table
+from repo_lightning.models.model_card import CARD_FILE, update_model_card
 
 #: How a stage is run: ``python -m repo_lightning <subcommand> ...`` in this interpreter.
 STAGE_COMMAND = [sys.executable, "-m", "repo_lightning"]
@@ -135,6 +140,16 @@ class Pipeline:
                 args = ["--config", config, *self._common(stage, f"{stage}_test")]
                 args.append(f"--model.init_args.model_name_or_path={self.export(stage)}")
                 self._run(f"test_{stage}", ["test", *args])
+                self._card_evaluation(stage, self.score_model_tests().get(stage, {}))
+
+    def _card_evaluation(self, name: str, figures: dict[str, float]) -> None:
+        """Add held-out figures to the model card of export ``name`` (if it has a card and there are figures)."""
+        if figures and (Path(self.export(name)) / CARD_FILE).exists():
+            update_model_card(self.export(name), evaluation=figures)
+
+    def _evaluation_figures(self, report_dir: Path) -> dict[str, float]:
+        metrics = json.loads((report_dir / "metrics.json").read_text())
+        return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
     def _policy_args(self, algorithm: str, run_name: str, extra: list[str] | None = None) -> list[str]:
         return [
@@ -153,6 +168,7 @@ class Pipeline:
         out = self.root / "eval" / "sft"
         args = self._policy_args("repo", "eval_sft")
         self._run("eval_sft", ["test", *args, f"--model.init_args.report_dir={out}"])
+        self._card_evaluation("sft", self._evaluation_figures(out))
         return out
 
     def fit_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
@@ -178,6 +194,7 @@ class Pipeline:
         out = self.root / "eval" / name
         args = self._policy_args(algorithm, run_name, extra)
         self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", f"--model.init_args.report_dir={out}"])
+        self._card_evaluation(name, self._evaluation_figures(out))
         return out
 
     def train_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
