@@ -209,3 +209,65 @@ def test_without_last_rollout_the_callback_samples_on_a_forked_random_state():
     assert torch.equal(torch.random.get_rng_state(), before)  # training draws the same samples as without it
     assert module.calls == [(["a", "b"], 1, 0.7, False)]
     assert rollout.prompts == ["a", "b"]
+
+
+def test_with_the_real_policy_module(tmp_path, tiny_exports):
+    """Two RePO iterations through the CLI: the panel shows real samples with the oracle's R* and C*."""
+    import yaml
+    from conftest import TINY_WORLD
+
+    from repo_lightning.cli import main
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "policy", "default_hp_metric": False},
+            },
+            "callbacks": [
+                {"class_path": "repo_lightning.callbacks.TensorBoardViews", "init_args": {"text_every_n_iterations": 1}}
+            ],
+        },
+        "model": {
+            "class_path": "repo_lightning.modules.PolicyModule",
+            "init_args": {
+                "actor_path": tiny_exports["sft"],
+                "reward_model_path": tiny_exports["reward"],
+                "cost_model_path": tiny_exports["cost"],
+                "samples_per_prompt": 2,
+                "max_new_tokens": 4,
+                "minibatch_size": 4,
+                "lagrange_max": 7.0,
+            },
+        },
+        "data": {
+            "mode": "prompts",
+            "world": dict(TINY_WORLD),
+            "tokenizer": tiny_exports["tokenizer"],
+            "cache_dir": str(tmp_path / "cache"),
+            "batch_size": 2,
+            "max_prompt_length": 32,
+            "max_length": 48,
+            "val_fraction": 0.0,
+        },
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(path)])
+    events = _events(Path(cli.trainer.logger.log_dir))
+    assert {event.value for event in events.Scalars("dual/lagrange_max")} == {7.0}
+    assert "dual/tolerance" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
+    texts = events.Tensors("samples/train/text_summary")
+    assert [t.step for t in texts] == [1, 2]
+    table = texts[-1].tensor_proto.string_val[0].decode().splitlines()
+    assert table[2] == "| prompt | response | reward R | cost C | true R* | true C* |"
+    assert len(table) == 2 + 2 + 2  # note, blank line, header, rule, one row per prompt of the batch
