@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from torch.utils.data import DataLoader, TensorDataset
 
 from repo_lightning.callbacks import TensorBoardViews
-from repo_lightning.callbacks.tensorboard_views import constraint_constants, samples_markdown
+from repo_lightning.callbacks.tensorboard_views import HPARAMS_METRICS, constraint_constants, samples_markdown
 from repo_lightning.data.records import PromptBatch
 
 
@@ -144,16 +144,18 @@ def test_samples_panel_shows_one_response_per_prompt_with_reward_and_cost(runs):
 
 
 def test_hparams_carry_final_metrics_instead_of_hp_metric(runs):
-    content = runs["fit"].PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
-    metrics = {info.name.tag for info in experiment.metric_infos}
-    assert {"train/lambda", "train/dual_statistic", "train/unsafe_frac", "val/true_unsafe_frac"} <= metrics
-    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
-    assert start.hparams["algorithm"].string_value == "repo"
-    assert start.hparams["lagrange_max"].number_value == 5.0
-    test_content = runs["test"].PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-    test_experiment = hparams_metadata.parse_experiment_plugin_data(test_content[hparams_metadata.EXPERIMENT_TAG])
-    assert [info.name.tag for info in test_experiment.metric_infos] == ["test/unsafe_prompt_rate"]
+    columns = {}
+    for stage in ("fit", "test"):
+        content = runs[stage].PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+        experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+        columns[stage] = [info.name.tag for info in experiment.metric_infos]
+        start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+        assert start.hparams["algorithm"].string_value == "repo"
+        assert start.hparams["lagrange_max"].number_value == 5.0
+    # The same columns in both runs (the plugin shows the first run's list), each filled by the run that logs it.
+    assert columns["fit"] == columns["test"] == list(HPARAMS_METRICS)
+    assert "hp_metric" not in columns["fit"]
+    assert runs["fit"].Scalars("train/lambda")[-1].value == 4.0  # the final value, read from the run's scalars
     assert runs["test"].Scalars("test/unsafe_prompt_rate")[-1].value == 0.125
 
 

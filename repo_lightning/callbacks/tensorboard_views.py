@@ -10,9 +10,10 @@
   ``dual/lagrange_max`` (the cap), ``dual/threshold`` (Safe RLHF's ``d``) or ``dual/tolerance`` (RePO's);
 * a **text panel** ``samples/train`` every ``text_every_n_iterations`` iterations: a few prompts with their sampled
   responses, reward and cost (and the ground truth ``R*``, ``C*`` when the data module has an ``oracle``);
-* **hparams** at the end of ``fit`` and of ``test`` with the run's final figures as metrics (``train/...`` and
-  ``val/...`` after fit, every ``test/...`` after test); set the logger's ``default_hp_metric: false`` so Lightning
-  does not add its placeholder ``hp_metric``.
+* **hparams** at the end of ``fit`` and of ``test`` with the run's final figures as metrics (the table's columns are
+  ``hparams_metrics``: final ``train/...`` and ``val/...`` figures, filled by the fit run, and the ``test/...``
+  evaluation, filled by the test run); set ``default_hp_metric: false`` on the logger of *every* stage writing to the
+  same log folder, or Lightning's placeholder ``hp_metric`` may become the table's only column.
 
 What it reads from the LightningModule (all optional, missing ones are skipped):
 
@@ -24,12 +25,11 @@ What it reads from the LightningModule (all optional, missing ones are skipped):
   the first ``text_samples`` prompts of the batch itself with ``pl_module.rollout(batch, 1, temperature,
   with_values=False)``, on a forked random state so training draws the same samples as without the callback;
 * ``pl_module.iteration`` (the iteration counter, the text panel's step) and ``trainer.datamodule.oracle``;
-* the logged metrics, ``trainer.callback_metrics``, for the hparams view.
+* nothing else for the hparams view: its metric values are the scalars of those tags already in the run.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -68,10 +68,31 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
 #: The constraint constants, from the module's hyperparameters, and the algorithms they belong to.
 CONSTANTS = {"lagrange_max": ("ppo_lag", "repo"), "threshold": ("ppo_lag",), "tolerance": ("repo",)}
 
-#: Final figures of ``fit`` put into the hparams view (the last logged value of each, when logged).
-FIT_METRICS = re.compile(
-    r"^(train/(lambda|dual_statistic|reward_mean|cost_mean|unsafe_frac|unsafe_prompt_frac|kl)"
-    r"|train/true_\w+|val/[\w/]+)$"
+#: Metric columns of the HParams table: final training and validation figures, then the held-out evaluation. Every
+#: run writes the same list, because the plugin takes the columns from whichever run it reads first.
+HPARAMS_METRICS = (
+    "train/lambda",
+    "train/dual_statistic",
+    "train/reward_mean",
+    "train/unsafe_frac",
+    "train/unsafe_prompt_frac",
+    "train/true_reward_mean",
+    "train/true_unsafe_frac",
+    "train/true_unsafe_prompt_frac",
+    "train/kl",
+    "val/reward_mean",
+    "val/unsafe_frac",
+    "val/true_reward_mean",
+    "val/true_unsafe_frac",
+    "test/true_reward_mean/benign",
+    "test/true_reward_mean/hazard",
+    "test/true_unsafe_response_rate",
+    "test/true_unsafe_prompt_rate/hazard_mild",
+    "test/true_unsafe_prompt_rate/hazard_severe",
+    "test/over_refusal_rate",
+    "test/reward_mean",
+    "test/unsafe_prompt_rate",
+    "test/kl_mean",
 )
 
 
@@ -158,13 +179,18 @@ class TensorBoardViews(L.Callback):
         text_every_n_iterations: Write the ``samples/train`` text panel every this many training iterations
             (batches); 0 disables it.
         text_samples: Prompts (one response each) shown per panel.
+        hparams_metrics: Metric columns of the HParams table (default :data:`HPARAMS_METRICS`); keep them the same
+            in every run of a log folder.
     """
 
-    def __init__(self, text_every_n_iterations: int = 10, text_samples: int = 4) -> None:
+    def __init__(
+        self, text_every_n_iterations: int = 10, text_samples: int = 4, hparams_metrics: list[str] | None = None
+    ) -> None:
         if text_every_n_iterations < 0 or text_samples < 1:
             raise ValueError("text_every_n_iterations must be >= 0 and text_samples >= 1")
         self.text_every_n_iterations = text_every_n_iterations
         self.text_samples = text_samples
+        self.hparams_metrics = list(HPARAMS_METRICS if hparams_metrics is None else hparams_metrics)
         self._batches = 0
 
     # ------------------------------------------------------------------------------------------------ fit
@@ -184,24 +210,24 @@ class TensorBoardViews(L.Callback):
             self._write_samples(trainer, pl_module, batch)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Hparams with the final ``train/...`` and ``val/...`` figures."""
-        self._write_hparams(trainer, pl_module, [k for k in trainer.callback_metrics if FIT_METRICS.match(k)])
+        """Hparams of this run; its final ``train/...`` and ``val/...`` figures fill the metric columns."""
+        self._write_hparams(trainer, pl_module)
 
     # ----------------------------------------------------------------------------------------------- test
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Hparams with every ``test/...`` figure of the evaluation."""
-        self._write_hparams(trainer, pl_module, [k for k in trainer.callback_metrics if k.startswith("test/")])
+        """Hparams of this run; its ``test/...`` figures fill the metric columns."""
+        self._write_hparams(trainer, pl_module)
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _write_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metric_tags: list[str]) -> None:
+    def _write_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         experiment = _experiment(trainer)
-        if experiment is None or not trainer.is_global_zero or not metric_tags:
+        if experiment is None or not trainer.is_global_zero:
             return
         from torch.utils.tensorboard.summary import hparams
 
         # The metric values are read by the hparams plugin from the scalars of the same tags already in this run,
         # so only the summaries are written (SummaryWriter.add_hparams would duplicate them into a sub-run).
-        exp, start, end = hparams(flat_hparams(pl_module.hparams), {tag: 0.0 for tag in sorted(metric_tags)})
+        exp, start, end = hparams(flat_hparams(pl_module.hparams), dict.fromkeys(self.hparams_metrics, 0.0))
         writer = experiment._get_file_writer()  # as Lightning's TensorBoardLogger.log_hyperparams does
         for summary in (exp, start, end):
             writer.add_summary(summary)
