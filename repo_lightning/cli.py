@@ -10,6 +10,9 @@ line, ``error: <message>``, and exit with code 2; anything else keeps its traceb
 ``REPO_LIGHTNING_DEBUG=1`` shows the traceback of every error. Inputs are checked (model folders, ``--ckpt_path``,
 every data row) before the logger writes a run folder, and a run that still fails on bad input removes the folders
 it created, unless they hold a checkpoint. ``docs/errors.md`` lists what is checked.
+
+Other libraries' known noise (Lightning's tips, known deprecation warnings, Hugging Face progress bars) is filtered
+here, at the entry point (:func:`repo_lightning.console.silence_known_noise`); ``REPO_LIGHTNING_VERBOSE=1`` shows it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from repo_lightning.callbacks.stage_progress import StageProgress
+from repo_lightning.console import PROGRESS_ENV, silence_known_noise
 from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.errors import MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
@@ -182,6 +187,10 @@ def main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
     else:
         debug |= "--debug" in args
         args = [arg for arg in args if arg != "--debug"]
+    silence_known_noise()
+    # Set by the pipeline, which shows one progress line per stage; added here so no config has to name it.
+    progress = os.environ.get(PROGRESS_ENV)
+    callbacks = [NonFiniteWeightCheck(), *([StageProgress(progress)] if progress else [])]
     try:
         return RLHFCLI(
             L.LightningModule,
@@ -191,7 +200,7 @@ def main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
             run=run,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [NonFiniteWeightCheck()]},
+            trainer_defaults={"callbacks": callbacks},
             parser_kwargs={"exit_on_error": False},
         )
     except Exception as error:

@@ -4,6 +4,10 @@ Each stage is an ordinary ``python -m repo_lightning`` run of a shipped config (
 hand), with the run folder, export folders and seed overridden on the command line. At the end the evaluation of the
 SFT start and of each trained policy are printed side by side and written to ``<root>/summary.md``.
 
+The terminal shows one line per stage (a progress bar on a terminal, then the wall time); each stage's full output
+is in ``<root>/logs/<stage>.log``, named with its last lines if the stage fails. ``--verbose`` shows everything as
+it comes. Held-out figures are added to the exports' model cards (``README.md``) as each evaluation finishes.
+
 Example::
 
     python -m repo_lightning.pipeline --root lightning_logs/demo
@@ -14,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from repo_lightning.console import VERBOSE_ENV, StageFailed, run_stage, silence_known_noise
 from repo_lightning.evaluation import format_table
+from repo_lightning.models.model_card import CARD_FILE, update_model_card
+
+#: How a stage is run: ``python -m repo_lightning <subcommand> ...`` in this interpreter.
+STAGE_COMMAND = [sys.executable, "-m", "repo_lightning"]
 
 SUMMARY_KEYS = [
     "true_reward_mean/benign",
@@ -34,24 +44,26 @@ SUMMARY_KEYS = [
 ]
 
 
-def run_cli(args: list[str], log_file: Path | None = None) -> float:
-    """Run ``python -m repo_lightning ARGS`` in a subprocess; raise with the log tail on failure.
+def run_cli(args: list[str], log_file: Path | None = None, label: str | None = None) -> float:
+    """Run ``python -m repo_lightning ARGS`` in a subprocess.
+
+    With ``log_file`` the output goes to that file and the terminal gets one line for the stage (progress bar, then
+    outcome and wall time, :func:`repo_lightning.console.run_stage`); without it the output is shown as it comes.
 
     Returns:
         The wall time in seconds.
+
+    Raises:
+        StageFailed: the stage exited with an error (with ``log_file``: the message names it and ends with its tail).
     """
+    command = [*STAGE_COMMAND, *args]
+    if log_file is not None:
+        return run_stage(command, log_file, label or args[0])
     start = time.perf_counter()
-    command = [sys.executable, "-m", "repo_lightning", *args]
     print("$", " ".join(command), flush=True)
-    if log_file is None:
-        result = subprocess.run(command, check=False)
-    else:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with log_file.open("w") as handle:
-            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    result = subprocess.run(command, check=False)
     if result.returncode != 0:
-        tail = log_file.read_text()[-3000:] if log_file is not None else ""
-        raise RuntimeError(f"stage failed ({result.returncode}): {' '.join(args)}\n{tail}")
+        raise StageFailed(f"stage failed (exit code {result.returncode}): {' '.join(args)}")
     return time.perf_counter() - start
 
 
@@ -71,7 +83,8 @@ class Pipeline:
         config_dir: Folder holding ``sft.yaml``, ``reward.yaml``, ``cost.yaml`` and one YAML per algorithm.
         seed: Seed of every stage (``seed_everything`` and the policy's sampling seed).
         extra: Extra CLI arguments per stage name (``sft``, ``reward``, ``cost``, ``policy``, ``world``).
-        quiet: Send stage output to log files instead of the terminal.
+        quiet: Send each stage's output to ``<root>/logs/<stage>.log`` and show one line per stage instead.
+        planned_stages: Number of stages this run will make, shown as ``[i/n]`` on each stage line (0: unknown).
     """
 
     def __init__(
@@ -81,12 +94,14 @@ class Pipeline:
         seed: int = 0,
         extra: dict[str, list[str]] | None = None,
         quiet: bool = False,
+        planned_stages: int = 0,
     ) -> None:
         self.root = Path(root)
         self.config_dir = Path(config_dir)
         self.seed = seed
         self.extra = extra or {}
         self.quiet = quiet
+        self.planned_stages = planned_stages
         self.timings: dict[str, float] = {}
 
     def export(self, name: str) -> str:
@@ -104,7 +119,9 @@ class Pipeline:
 
     def _run(self, name: str, args: list[str]) -> None:
         log_file = self.root / "logs" / f"{name}.log" if self.quiet else None
-        self.timings[name] = run_cli(args, log_file)
+        number = len(self.timings) + 1
+        label = f"[{number}/{self.planned_stages}] {name}" if self.planned_stages else f"[{number}] {name}"
+        self.timings[name] = run_cli(args, log_file, label)
 
     def train_models(self, test: bool = True) -> None:
         """SFT, reward and cost stages; with ``test``, the reward and cost models are tested on held-out pairs."""
@@ -123,6 +140,16 @@ class Pipeline:
                 args = ["--config", config, *self._common(stage, f"{stage}_test")]
                 args.append(f"--model.init_args.model_name_or_path={self.export(stage)}")
                 self._run(f"test_{stage}", ["test", *args])
+                self._card_evaluation(stage, self.score_model_tests().get(stage, {}))
+
+    def _card_evaluation(self, name: str, figures: dict[str, float]) -> None:
+        """Add held-out figures to the model card of export ``name`` (if it has a card and there are figures)."""
+        if figures and (Path(self.export(name)) / CARD_FILE).exists():
+            update_model_card(self.export(name), evaluation=figures)
+
+    def _evaluation_figures(self, report_dir: Path) -> dict[str, float]:
+        metrics = json.loads((report_dir / "metrics.json").read_text())
+        return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
     def _policy_args(self, algorithm: str, run_name: str, extra: list[str] | None = None) -> list[str]:
         return [
@@ -141,6 +168,7 @@ class Pipeline:
         out = self.root / "eval" / "sft"
         args = self._policy_args("repo", "eval_sft")
         self._run("eval_sft", ["test", *args, f"--model.init_args.evaluation.report_dir={out}"])
+        self._card_evaluation("sft", self._evaluation_figures(out))
         return out
 
     def fit_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
@@ -167,6 +195,7 @@ class Pipeline:
         args = self._policy_args(algorithm, run_name, extra)
         report = f"--model.init_args.evaluation.report_dir={out}"
         self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", report])
+        self._card_evaluation(name, self._evaluation_figures(out))
         return out
 
     def train_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
@@ -189,7 +218,11 @@ class Pipeline:
         return found
 
     def summary(self, evaluations: dict[str, Path]) -> str:
-        """Side-by-side table of the evaluations, also written to ``summary.md`` and ``summary.json``."""
+        """Side-by-side table of the evaluations, written with the wall times to ``summary.md`` and ``summary.json``.
+
+        Returns:
+            ``summary.md`` without its wall-time section (the stage lines already showed the times).
+        """
         metrics = {name: json.loads((path / "metrics.json").read_text()) for name, path in evaluations.items()}
         keys = [k for k in SUMMARY_KEYS if any(k in m for m in metrics.values())]
         table = format_table(metrics, keys)
@@ -206,9 +239,9 @@ class Pipeline:
         reports = "\n".join(f"- {name}: {path / 'report.md'}" for name, path in evaluations.items())
         text = (
             "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
-            f"are the learned models' judgement.\n\n{table}\n\n## Reports\n{reports}\n\n## Wall time\n{timing}\n"
+            f"are the learned models' judgement.\n\n{table}\n\n## Reports\n{reports}\n"
         )
-        (self.root / "summary.md").write_text(text)
+        (self.root / "summary.md").write_text(f"{text}\n## Wall time\n{timing}\n")
         (self.root / "summary.json").write_text(
             json.dumps({"metrics": metrics, "score_models": scorers, "timings": self.timings}, indent=2)
         )
@@ -227,17 +260,32 @@ def main(argv: list[str] | None = None) -> None:
         default=["repo"],
         help="policy configs to train, by name in --config-dir (ppo, ppo_lag, repo, repo_rloo, ...)",
     )
-    parser.add_argument("--quiet", action="store_true", help="write stage output to <root>/logs/*.log")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every stage's full output (and the messages of other libraries filtered by default) instead of "
+        "one line per stage with the output in <root>/logs/<stage>.log",
+    )
     args = parser.parse_args(argv)
     missing = [a for a in args.algorithms if not (Path(args.config_dir) / f"{a}.yaml").is_file()]
     if missing:
         parser.error(f"--algorithms: no config {', '.join(f'{args.config_dir}/{a}.yaml' for a in missing)}")
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by the stages' own entry point
+    silence_known_noise()
     start = time.perf_counter()
-    pipeline = Pipeline(args.root, args.config_dir, args.seed, quiet=args.quiet)
-    pipeline.train_models()
-    evaluations = {"sft": pipeline.evaluate_start()}
-    for algorithm in args.algorithms:
-        evaluations[algorithm] = pipeline.train_policy(algorithm)
+    planned = 6 + 2 * len(args.algorithms)
+    pipeline = Pipeline(args.root, args.config_dir, args.seed, quiet=not args.verbose, planned_stages=planned)
+    print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
+    try:
+        pipeline.train_models()
+        evaluations = {"sft": pipeline.evaluate_start()}
+        for algorithm in args.algorithms:
+            evaluations[algorithm] = pipeline.train_policy(algorithm)
+    except StageFailed as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+    print()
     print(pipeline.summary(evaluations))
     print(f"total wall time: {time.perf_counter() - start:.0f} s")
     print(f"report: {Path(args.root) / 'summary.md'} (per-policy reports under {Path(args.root) / 'eval'})")

@@ -237,3 +237,23 @@ def test_bad_keys_stop_the_cli_before_running(pipeline, capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1  # one line, no usage text, no traceback
     assert message in err
+
+
+# --- model cards ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "cost"])
+def test_every_stage_export_has_a_model_card(pipeline, stage):
+    from repo_lightning.models.model_card import read_model_card
+
+    front, body = read_model_card(pipeline["root"] / "exports" / stage)
+    block = front["repo_lightning"]
+    assert block["stage"] == stage
+    assert block["data"]["dataset"] == "safetyworld" and front["datasets"] == ["safetyworld"]
+    assert any(key.startswith("val/") for key in block["metrics"])
+    if stage == "sft":
+        assert "base_model" not in front and block["model_config"]["model_type"] == "llama"  # built from a config
+    else:
+        assert front["base_model"] == str(pipeline["root"] / "exports" / "sft")
+    config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
+    assert config["model"]["class_path"] == STAGES[stage][0]  # the run's resolved config

@@ -1,14 +1,18 @@
-"""Writing trained models in the Hugging Face layout, atomically.
+"""Writing trained models in the Hugging Face layout, atomically, with a model card.
 
-The model and tokenizer are written to a temporary sibling folder which then replaces the target in one rename, so
-an interrupted export never leaves a half-written model where the next stage will look for one.
+The model, tokenizer and model card (``README.md``, :mod:`repo_lightning.models.model_card`) are written to a
+temporary sibling folder which then replaces the target in one rename, so an interrupted export never leaves a
+half-written model where the next stage will look for one.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +21,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from repo_lightning.errors import NonFiniteError
 from repo_lightning.finite_guard import count_nonfinite, describe
 from repo_lightning.models.lora import lora_scalings, merge_lora_state_dict
+from repo_lightning.models.model_card import CARD_FILE, render_model_card
+
+#: Final logged ``train/...`` figures put on the card (every ``val/...`` figure is).
+CARD_TRAIN_METRICS = ("train/loss", "train/accuracy", "train/lambda", "train/dual_statistic")
 
 
 def export_pretrained(
@@ -25,6 +33,7 @@ def export_pretrained(
     export_dir: str | Path,
     state_dict: dict[str, torch.Tensor] | None = None,
     metadata: dict | None = None,
+    card: str | None = None,
 ) -> Path:
     """Save ``model`` and ``tokenizer`` with ``save_pretrained`` into ``export_dir``, replacing it atomically.
 
@@ -34,6 +43,7 @@ def export_pretrained(
         export_dir: Target folder; its parent is created.
         state_dict: Full (consolidated) weights to save instead of ``model.state_dict()``, for sharded models.
         metadata: Extra JSON written to ``repo_lightning.json`` beside the weights (stage, metrics, ...).
+        card: Model card text written to ``README.md`` (see :func:`card_from_trainer`).
 
     Returns:
         The export folder.
@@ -50,6 +60,8 @@ def export_pretrained(
         tokenizer.save_pretrained(staging)
         if metadata is not None:
             (staging / "repo_lightning.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        if card is not None:
+            (staging / CARD_FILE).write_text(card)
         if export_dir.exists():
             backup = export_dir.with_name(f".{export_dir.name}-old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -71,6 +83,61 @@ def refuse_nonfinite_weights(state_dict: dict[str, torch.Tensor], export_dir: st
             raise NonFiniteError(
                 f"refusing to export to {str(export_dir)!r}: non-finite weight {describe(name, tensor)}"
             )
+
+
+def _cli_command() -> str | None:
+    """The command line of this process if it is ``python -m repo_lightning`` (or ``repo-lightning``)."""
+    script = Path(sys.argv[0])
+    if (script.name == "__main__.py" and script.parent.name == "repo_lightning") or script.name == "repo-lightning":
+        return shlex.join(["python", "-m", "repo_lightning", *sys.argv[1:]])
+    return None
+
+
+def _cli_config(trainer) -> str | None:
+    """The resolved config of a LightningCLI run (what it saves as ``config.yaml``), or ``None`` outside the CLI."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            try:
+                return callback.parser.dump(callback.config, skip_none=False)
+            except Exception as error:  # a card without its config beats a failed export
+                warnings.warn(f"model card written without the run's config: {error}", stacklevel=2)
+    return None
+
+
+def card_from_trainer(trainer, metadata: dict) -> str:
+    """The model card of an export at the end of ``fit``: ``metadata`` plus what the run knows.
+
+    Adds ``base_model`` (the module's ``actor_path`` or ``model_name_or_path``; else its ``model_config``), ``data``
+    (the data module's ``dataset``, ``split``, ``subset``, ``mode``), ``metrics`` (every ``val/...`` figure and
+    :data:`CARD_TRAIN_METRICS` from ``trainer.callback_metrics``), ``command`` and the resolved config.
+    """
+    hparams = dict(getattr(trainer.lightning_module, "hparams", {}))
+    card = dict(metadata)
+    base_model = hparams.get("actor_path") or hparams.get("model_name_or_path")
+    if base_model is not None:
+        card.setdefault("base_model", str(base_model))
+    elif isinstance(hparams.get("model_config"), dict):
+        card.setdefault("model_config", hparams["model_config"])
+    datamodule = getattr(trainer, "datamodule", None)
+    data = {key: getattr(datamodule, key, None) for key in ("dataset", "split", "subset", "mode")}
+    data = {key: value for key, value in data.items() if value is not None}
+    if data.get("dataset") == "safetyworld":  # generated, not read: split and subset do not apply
+        data = {key: value for key, value in data.items() if key not in ("split", "subset")}
+    if data:
+        card.setdefault("data", data)
+    metrics = {
+        key: float(value)
+        for key, value in sorted(trainer.callback_metrics.items())
+        if (key.startswith("val/") or key in CARD_TRAIN_METRICS) and value.numel() == 1
+    }
+    if metrics:
+        card.setdefault("metrics", metrics)
+    command = _cli_command()
+    if command is not None:
+        card.setdefault("command", command)
+    return render_model_card(card, _cli_config(trainer))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -127,7 +194,8 @@ def export_from_trainer(
         model: The trained Hugging Face model (possibly sharded).
         tokenizer: Its tokenizer.
         export_dir: Target folder.
-        metadata: Written to ``repo_lightning.json``.
+        metadata: Written to ``repo_lightning.json`` and, with what the run knows, to the model card ``README.md``
+            (:func:`card_from_trainer`).
 
     Returns:
         The export folder on rank 0, ``None`` elsewhere.
@@ -137,9 +205,10 @@ def export_from_trainer(
         state = full_state_dict(model)
     written = None
     if trainer.is_global_zero:
+        card = card_from_trainer(trainer, metadata)
         scalings = lora_scalings(model)
         if scalings:
             state = merge_lora_state_dict(state if state is not None else model.state_dict(), scalings)
-        written = export_pretrained(model, tokenizer, export_dir, state_dict=state, metadata=metadata)
+        written = export_pretrained(model, tokenizer, export_dir, state_dict=state, metadata=metadata, card=card)
     trainer.strategy.barrier("repo_lightning_export")
     return written

@@ -137,9 +137,11 @@ class PolicyModule(L.LightningModule):
         self.strict_loading = False  # frozen models are reloaded from their paths, not stored in checkpoints
         self.optimizer = optimizer
         self.dual = DualVariable() if dual is None else dual
+        self.hparams["dual"] = _describe(self.dual)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.lambda_history: list[tuple[int, float]] = []
         self.actor = None
+        self.last_rollout: Rollout | None = None
         self._sharded = False
         self._eval_results: list[PromptResult] = []
         self.register_state_dict_post_hook(_drop_frozen_models)
@@ -254,6 +256,7 @@ class PolicyModule(L.LightningModule):
         k = self.sampling.samples_per_prompt
         self._seed_iteration()
         rollout = self._rollout(batch, k, self.sampling.temperature)
+        self.last_rollout = rollout  # read by callbacks (TensorBoardViews' sampled-responses panel)
         scored = {
             "rewards": (rollout.rewards, "reward_model"),
             "costs": (rollout.costs, "cost_model"),
@@ -374,10 +377,11 @@ def _describe(component: object) -> dict:
     """``{"class_path", "init_args"}`` of a component that keeps its ``__init__`` arguments as attributes."""
     cls = type(component)
     names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    return {
-        "class_path": f"{cls.__module__}.{cls.__qualname__}",
-        "init_args": {name: getattr(component, name) for name in names if hasattr(component, name)},
-    }
+    init_args = {name: getattr(component, name) for name in names if hasattr(component, name)}
+    for name, value in init_args.items():
+        if isinstance(value, torch.nn.Module):  # a nested component (the dual variable's rule)
+            init_args[name] = _describe(value)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
 def _drop_frozen_models(module: PolicyModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:

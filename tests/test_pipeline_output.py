@@ -1,0 +1,158 @@
+"""What ``make demo`` prints: one line per stage, then the summary; a failed stage is named with its log file.
+
+Stages are replaced by a fast fake script (``STAGE_COMMAND``) that prints a lot, as Lightning does, and writes the
+files the pipeline reads back (a checkpoint after a policy fit, ``metrics.json`` after an evaluation).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+import repo_lightning.pipeline as pipeline_module
+from repo_lightning.console import StageFailed, read_progress, run_stage
+
+FAKE_STAGE = """
+import json, os, sys
+from pathlib import Path
+
+args = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+name = args["--trainer.logger.init_args.name"]
+for i in range(300):
+    print(f"noise {i}: Loading weights ... GPU available: False", flush=True)
+if os.environ.get("FAIL_STAGE") == f"{sys.argv[1]}_{name}":
+    print("Traceback (most recent call last):\\nValueError: the cause of the failure", file=sys.stderr)
+    sys.exit(3)
+run = Path(args["--trainer.logger.init_args.save_dir"]) / name
+if sys.argv[1] == "fit" and name.startswith("policy_"):
+    (run / "version_0" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "version_0" / "checkpoints" / "last.ckpt").write_text("")
+if "--model.init_args.report_dir" in args:
+    out = Path(args["--model.init_args.report_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"true_unsafe_response_rate": 0.5, "reward_mean": 1.0, "kl_mean": 0.0}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+"""
+
+
+@pytest.fixture
+def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    script = tmp_path / "fake_stage.py"
+    script.write_text(FAKE_STAGE)
+    monkeypatch.setattr(pipeline_module, "STAGE_COMMAND", [sys.executable, str(script)])
+    monkeypatch.delenv("REPO_LIGHTNING_VERBOSE", raising=False)
+    return tmp_path / "run"
+
+
+def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys):
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) <= 60
+    stage_lines = [line for line in lines if line.startswith("[")]
+    assert [line.split()[1] for line in stage_lines] == [
+        "fit_sft",
+        "fit_reward",
+        "test_reward",
+        "fit_cost",
+        "test_cost",
+        "eval_sft",
+        "fit_ppo_lag",
+        "eval_ppo_lag",
+        "fit_repo",
+        "eval_repo",
+    ]
+    assert all(line.startswith(f"[{i}/10]") and " done " in line for i, line in enumerate(stage_lines, 1))
+    assert "noise" not in out
+    assert "| metric | sft | ppo_lag | repo |" in out and "| true_unsafe_response_rate |" in out
+    log = (fake_stages / "logs" / "fit_repo.log").read_text()
+    assert log.count("noise") == 300 and log.startswith("$ ")
+    assert "## Wall time" in (fake_stages / "summary.md").read_text()
+    assert not list((fake_stages / "logs").glob("*.progress"))
+
+
+def test_a_failed_stage_is_named_with_its_log_file_and_last_lines(fake_stages, capsys, monkeypatch):
+    monkeypatch.setenv("FAIL_STAGE", "fit_cost")
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_module.main(["--root", str(fake_stages)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1 + 4  # header, fit_sft, fit_reward, test_reward, fit_cost FAILED
+    assert "FAILED" in captured.out.splitlines()[-1]
+    log_file = fake_stages / "logs" / "fit_cost.log"
+    assert f"full log: {log_file}" in captured.err
+    assert captured.err.rstrip().endswith("ValueError: the cause of the failure")
+    assert "noise 299" in captured.err and "noise 100" not in captured.err  # only the tail
+
+
+def test_run_stage_shows_progress_on_a_terminal(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    script = (
+        "import os, pathlib, time\n"
+        "path = pathlib.Path(os.environ['REPO_LIGHTNING_PROGRESS_FILE'])\n"
+        "path.write_text('3 4\\n')\n"
+        "time.sleep(1.2)\n"
+    )
+    terminal = Terminal()
+    seconds = run_stage([sys.executable, "-c", script], tmp_path / "stage.log", "[1/1] fake", terminal)
+    frames = terminal.getvalue().split("\r")
+    assert any("75%" in frame for frame in frames)
+    assert frames[-1].startswith("[1/1] fake") and " done " in frames[-1] and frames[-1].endswith(" s\n")
+    assert terminal.getvalue().count("\n") == 1 and seconds >= 1.0
+
+
+def test_run_stage_raises_with_the_log_tail(tmp_path):
+    stream = io.StringIO()
+    with pytest.raises(StageFailed, match="exit code 2"):
+        run_stage(
+            [sys.executable, "-c", "import sys; print('last words'); sys.exit(2)"], tmp_path / "x.log", "x", stream
+        )
+    assert "FAILED" in stream.getvalue()
+
+
+def test_read_progress_ignores_missing_and_partial_files(tmp_path):
+    path = tmp_path / "p"
+    assert read_progress(path) is None
+    path.write_text("3")
+    assert read_progress(path) is None
+    path.write_text("3 12\n")
+    assert read_progress(path) == (3, 12)
+
+
+def test_entry_points_drop_only_known_third_party_noise(caplog, monkeypatch):
+    import logging
+    import warnings
+
+    from repo_lightning.console import silence_known_noise
+
+    monkeypatch.delenv("REPO_LIGHTNING_VERBOSE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("model.cost_model_path is ignored for ppo", UserWarning, stacklevel=1)  # one of ours
+    assert [str(w.message) for w in caught] == ["model.cost_model_path is ignored for ppo"]
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging, try installing [litlogger]")
+        logger.info("GPU available: False, used: False")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_verbose_keeps_every_warning(monkeypatch):
+    import warnings
+
+    from repo_lightning.console import silence_known_noise
+
+    monkeypatch.setenv("REPO_LIGHTNING_VERBOSE", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+    assert len(caught) == 1
