@@ -38,7 +38,7 @@ def run_pipeline(root: Path, seed: int, threads: int, config_dir: str) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "repo_lightning.pipeline", "--root", str(root), "--seed", str(seed)]
-    command += ["--config-dir", config_dir, "--algorithms", "ppo", "repo", "--quiet"]
+    command += ["--config-dir", config_dir, "--algorithms", "ppo", "repo"]
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pipeline.out").open("w") as log:
