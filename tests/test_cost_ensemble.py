@@ -10,9 +10,10 @@ from test_stages import _config, _val_batch
 from transformers import AutoModelForSequenceClassification
 
 from repo_lightning.cli import main
-from repo_lightning.models.backbone import load_score_model, load_tokenizer, sequence_scores
+from repo_lightning.models.backbone import load_score_model, sequence_scores
 from repo_lightning.models.scorer import aggregate_heads
 from repo_lightning.rl.losses import cost_model_loss
+from repo_lightning.text.tokenizers import load_tokenizer
 
 
 def test_weighted_cost_loss_by_hand():
@@ -75,9 +76,9 @@ def test_policy_stage_scores_with_the_conservative_ensemble_cost(tmp_path, tiny_
     from test_policy import _fit, _policy_config, _scalars
 
     from repo_lightning.data.collate import PromptExample, collate_prompts
-    from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE, encode_prompt
     from repo_lightning.modules.rollout import collect_rollout
     from repo_lightning.safetyworld import World
+    from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 
     tok = load_tokenizer(tiny_exports["tokenizer"])
     torch.manual_seed(5)

@@ -188,15 +188,15 @@ def test_state_dict_round_trip(rule):
 @pytest.mark.parametrize(
     ("build", "name"),
     [
-        (lambda: DualVariable(LogRule(), initial=0.0), "dual.initial"),
-        (lambda: DualVariable(AdditiveRule(), initial=-1.0), "dual.initial"),
-        (lambda: DualVariable(initial=5.0, maximum=1.0), "dual.maximum"),
-        (lambda: DualVariable(window=0), "dual.window"),
-        (lambda: DualVariable(update_delay=-1), "dual.update_delay"),
-        (lambda: LogRule(lr=0.0), "dual.rule.lr"),
-        (lambda: AdditiveRule(lr=-1.0), "dual.rule.lr"),
-        (lambda: DualVariable(num_costs=0), "dual.num_costs"),
-        (lambda: PIDRule(ki=-1.0), "dual.rule.ki"),
+        (lambda: DualVariable(LogRule(), initial=0.0), "model.init_args.dual.init_args.initial"),
+        (lambda: DualVariable(AdditiveRule(), initial=-1.0), "model.init_args.dual.init_args.initial"),
+        (lambda: DualVariable(initial=5.0, maximum=1.0), "model.init_args.dual.init_args.maximum"),
+        (lambda: DualVariable(window=0), "model.init_args.dual.init_args.window"),
+        (lambda: DualVariable(update_delay=-1), "model.init_args.dual.init_args.update_delay"),
+        (lambda: LogRule(lr=0.0), "model.init_args.dual.init_args.rule.init_args.lr"),
+        (lambda: AdditiveRule(lr=-1.0), "model.init_args.dual.init_args.rule.init_args.lr"),
+        (lambda: DualVariable(num_costs=0), "model.init_args.dual.init_args.num_costs"),
+        (lambda: PIDRule(ki=-1.0), "model.init_args.dual.init_args.rule.init_args.ki"),
     ],
 )
 def test_invalid_arguments_name_the_argument(build, name):
@@ -215,7 +215,7 @@ def test_a_new_rule_is_one_class():
     assert dual.update(torch.tensor([0.5])).item() == 2.0
     assert dual.update(torch.tensor([0.5])).item() == 3.0
     assert dual.update(torch.tensor([-0.5])).item() == 1.5
-    with pytest.raises(TypeError, match="DualRule"):
+    with pytest.raises(ValueError, match="DualRule"):
         DualVariable(rule="log")  # type: ignore[arg-type]
 
 

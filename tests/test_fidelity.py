@@ -6,10 +6,11 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from repo_lightning.data.collate import PreferenceExample, collate_preference
-from repo_lightning.models.backbone import disable_dropout, load_score_model, load_tokenizer, sequence_scores
+from repo_lightning.models.backbone import disable_dropout, load_score_model, sequence_scores
 from repo_lightning.models.scorer import Scorer, score_samples
 from repo_lightning.modules import PolicyModule
 from repo_lightning.modules.scoring import pair_scores
+from repo_lightning.text.tokenizers import load_tokenizer
 
 
 def _pad_is_eos_tokenizer(tiny_exports, tmp_path):

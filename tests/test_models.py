@@ -6,20 +6,20 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.models.backbone import (
     FusedGELUTanh,
     disable_dropout,
     fuse_activations,
     load_causal_lm,
     load_score_model,
-    load_tokenizer,
     sequence_scores,
 )
 from repo_lightning.models.export import export_pretrained
 from repo_lightning.models.scorer import Scorer, decode_responses, same_tokenizer, score_samples
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.safetyworld.tokenizer import build_word_tokenizer
+from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE
+from repo_lightning.text.tokenizers import load_tokenizer
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

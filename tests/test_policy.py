@@ -20,13 +20,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from repo_lightning.cli import main
 from repo_lightning.data.collate import PromptExample, collate_prompts
-from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 from repo_lightning.models.backbone import load_score_model
 from repo_lightning.modules import PolicyModule
 from repo_lightning.modules.policy_config import Sampling
 from repo_lightning.modules.rollout import collect_rollout
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.safetyworld.tokenizer import build_word_tokenizer
+from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 
 TRAIN_SCALARS = (
     "train/dual_statistic",

@@ -11,9 +11,10 @@ from conftest import TINY_MODEL, TINY_WORLD
 from transformers import AutoModelForSequenceClassification
 
 from repo_lightning.cli import main
-from repo_lightning.models.backbone import load_causal_lm, load_tokenizer
+from repo_lightning.models.backbone import load_causal_lm
 from repo_lightning.models.lora import LoRA, as_lora, merge_lora_state_dict
 from repo_lightning.models.sharding import Sharding, as_sharding, shard_mesh, transformer_blocks
+from repo_lightning.text.tokenizers import load_tokenizer
 
 
 def test_merge_lora_folds_the_scaled_product_into_the_base_weight():

@@ -21,10 +21,10 @@ from repo_lightning.data.collate import (
 from repo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from repo_lightning.data.schema import Mode, SFTResponse, validate_rows
 from repo_lightning.data.sources import SAFETYWORLD, SafetyWorldCache, check_source, read_rows
-from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE, check_template, encode_prompt, encode_response
 from repo_lightning.errors import ConfigError
-from repo_lightning.models.backbone import load_tokenizer
 from repo_lightning.safetyworld import World, WorldConfig
+from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, check_template, encode_prompt, encode_response
+from repo_lightning.text.tokenizers import load_tokenizer
 from repo_lightning.validation import check_at_least, check_tokenizer_path
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from repo_lightning.data.templates import encode_prompt, encode_response
 from repo_lightning.models.backbone import sequence_scores
+from repo_lightning.text.templates import encode_prompt, encode_response
 
 
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:

@@ -99,7 +99,7 @@ class CostModule(L.LightningModule):
         if self.model is not None:
             return
         loader = functools.partial(load_score_model, num_labels=self.hparams.ensemble_size)
-        self.tokenizer, self.model = build_stage_model(self, loader)
+        self.tokenizer, self.model = build_stage_model(self.hparams, self.device_mesh, loader)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Costs of both responses of each pair, ``[B, 2]`` (the mean of the heads of an ensemble)."""

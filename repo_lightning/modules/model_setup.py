@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import lightning as L
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from repo_lightning.models.backbone import load_tokenizer
 from repo_lightning.models.lora import apply_lora
 from repo_lightning.models.sharding import enable_gradient_checkpointing, shard_models
+from repo_lightning.text.tokenizers import load_tokenizer
 
 
 def prepare_trained_model(device_mesh, model: PreTrainedModel, hp: Mapping) -> PreTrainedModel:
@@ -33,19 +32,24 @@ def prepare_trained_model(device_mesh, model: PreTrainedModel, hp: Mapping) -> P
 
 
 def build_stage_model(
-    module: L.LightningModule, loader: Callable[..., PreTrainedModel]
+    hp: Mapping, device_mesh, loader: Callable[..., PreTrainedModel]
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and prepared model of an SFT, reward or cost module.
 
     Args:
-        module: The LightningModule; its hparams name the model source, dtype, LoRA, checkpointing and sharding.
+        hp: The module's hyperparameters: model source, dtype, LoRA, checkpointing and sharding.
+        device_mesh: The module's ``device_mesh`` (``None`` unless ``ModelParallelStrategy``).
         loader: :func:`~repo_lightning.models.backbone.load_causal_lm` or ``load_score_model``.
     """
-    hp = module.hparams
-    if hp.tokenizer_path is None:
+    if hp["tokenizer_path"] is None:
         raise ValueError("model.tokenizer_path is not set (the CLI links it from data.tokenizer)")
-    tokenizer = load_tokenizer(hp.tokenizer_path, hp.trust_remote_code)
+    tokenizer = load_tokenizer(hp["tokenizer_path"], hp["trust_remote_code"])
     model = loader(
-        tokenizer, hp.model_name_or_path, hp.model_config, hp.dtype, hp.trust_remote_code, hp.attn_implementation
+        tokenizer,
+        hp["model_name_or_path"],
+        hp["model_config"],
+        hp["dtype"],
+        hp["trust_remote_code"],
+        hp["attn_implementation"],
     )
-    return tokenizer, prepare_trained_model(module.device_mesh, model, hp)
+    return tokenizer, prepare_trained_model(device_mesh, model, hp)

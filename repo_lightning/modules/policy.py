@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from repo_lightning.data.records import PromptBatch
-from repo_lightning.data.templates import SAFE_RLHF_TEMPLATE
 from repo_lightning.evaluation import PromptResult, summarize
 from repo_lightning.finite_guard import (
     FiniteGuard,
@@ -49,6 +48,7 @@ from repo_lightning.modules.policy_steps import compute_advantages, ppo_update, 
 from repo_lightning.modules.rollout import Rollout, collect_rollout
 from repo_lightning.objectives import Objective, RePO
 from repo_lightning.rl.dual import DualVariable
+from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE
 
 
 class PolicyModule(L.LightningModule):
@@ -286,7 +286,7 @@ class PolicyModule(L.LightningModule):
         metrics = {**rollout_metrics(rollout, k, self._oracle()), **metrics}
         if self.objective.constrained:
             metrics["lambda"] = torch.tensor(multiplier_now)
-            metrics["dual_statistic"] = statistic.detach().float()
+            metrics["dual_statistic"] = self.dual.previous[0].clone()  # the (windowed) g that drove the update
         for key, value in metrics.items():
             self.log(
                 f"train/{key}",

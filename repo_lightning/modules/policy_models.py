@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from repo_lightning.models.backbone import disable_dropout, freeze, load_causal_lm, load_score_model, load_tokenizer
+from repo_lightning.models.backbone import disable_dropout, freeze, load_causal_lm, load_score_model
 from repo_lightning.models.scorer import Scorer, same_tokenizer
 from repo_lightning.modules.model_setup import prepare_trained_model
 from repo_lightning.modules.policy_config import Memory, Scoring
+from repo_lightning.text.tokenizers import load_tokenizer
 
 #: Attribute names of the frozen models on the LightningModule (left out of checkpoints).
 FROZEN = ("ref_model", "reward_model", "cost_model")

@@ -81,7 +81,7 @@ class RewardModule(L.LightningModule):
         """Build the score model once, before sharding and optimizer creation."""
         if self.model is not None:
             return
-        self.tokenizer, self.model = build_stage_model(self, load_score_model)
+        self.tokenizer, self.model = build_stage_model(self.hparams, self.device_mesh, load_score_model)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Rewards of both responses of each pair, ``[B, 2]``."""

@@ -68,7 +68,7 @@ class SFTModule(L.LightningModule):
         """Build the model (called by the Trainer, once, before sharding or optimizer creation)."""
         if self.model is not None:
             return
-        self.tokenizer, self.model = build_stage_model(self, load_causal_lm)
+        self.tokenizer, self.model = build_stage_model(self.hparams, self.device_mesh, load_causal_lm)
 
     def forward(self, batch: SFTBatch) -> torch.Tensor:
         """Logits ``[B, L, V]``."""

@@ -1,0 +1,1 @@
+"""Text handling shared by the data module and the models: tokenizers and prompt templates."""
