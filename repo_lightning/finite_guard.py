@@ -261,3 +261,25 @@ def guard_gradients(module: L.LightningModule, guard: FiniteGuard, model: nn.Mod
     if guard.on_nonfinite == "skip":
         module.log("train/nonfinite_skipped", float(guard.skipped), reduce_fx="max", batch_size=1)
     return finite
+
+
+def finite_on_all_ranks(
+    module: L.LightningModule, guard: FiniteGuard, values: dict[str, tuple[Tensor | None, str]]
+) -> bool:
+    """Check named tensors (``name: (tensor, source)``) on every rank together; raise, or (``skip``) count and log.
+
+    Every rank takes the same decision (a rank that raised alone would leave the others waiting in a collective).
+
+    Returns:
+        ``True`` when every value on every rank is finite.
+    """
+    step = module.global_step
+    bad = next(((n, t, src) for n, (t, src) in values.items() if t is not None and count_nonfinite(t)), None)
+    if module.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
+        return True
+    if bad is None:
+        ok = guard.fail("non-finite value on another rank", step)
+    else:
+        ok = guard.check(bad[0], bad[1], step, bad[2])
+    module.log("train/nonfinite_skipped", float(guard.skipped), reduce_fx="max", batch_size=1)
+    return ok

@@ -13,7 +13,6 @@ iteration's dual update (algorithm.md section 5 order); dropout is off in the tr
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import lightning as L
@@ -26,7 +25,7 @@ from repo_lightning.finite_guard import (
     FiniteGuard,
     OnNonFinite,
     check_finite,
-    count_nonfinite,
+    finite_on_all_ranks,
     guard_gradients,
     model_source,
 )
@@ -43,10 +42,11 @@ from repo_lightning.modules.policy_config import (
     plain,
 )
 from repo_lightning.modules.policy_evaluation import gather_results, write_policy_report
-from repo_lightning.modules.policy_models import FROZEN, PolicySources, load_policy_models
+from repo_lightning.modules.policy_models import FROZEN, PolicySources, drop_frozen_models, load_policy_models
 from repo_lightning.modules.policy_steps import compute_advantages, ppo_update, prompt_results, rollout_metrics
 from repo_lightning.modules.rollout import Rollout, collect_rollout
 from repo_lightning.objectives import Objective, RePO
+from repo_lightning.objectives.objective import describe
 from repo_lightning.rl.dual import DualVariable
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE
 
@@ -131,20 +131,20 @@ class PolicyModule(L.LightningModule):
         ):
             self.hparams[name] = plain(group)
         self.hparams["evaluation"], self.hparams["memory"] = plain(self.evaluation), plain(self.memory)
-        self.hparams["objective"] = _describe(self.objective)  # plain, so checkpoints load with weights_only
+        self.hparams["objective"] = describe(self.objective)  # plain, so checkpoints load with weights_only
         self.finite_guard = FiniteGuard(on_nonfinite, "the policy")
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are reloaded from their paths, not stored in checkpoints
         self.optimizer = optimizer
         self.dual = DualVariable() if dual is None else dual
-        self.hparams["dual"] = _describe(self.dual)
+        self.hparams["dual"] = describe(self.dual)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.lambda_history: list[tuple[int, float]] = []
         self.actor = None
         self.last_rollout: Rollout | None = None
         self._sharded = False
         self._eval_results: list[PromptResult] = []
-        self.register_state_dict_post_hook(_drop_frozen_models)
+        self.register_state_dict_post_hook(drop_frozen_models)
 
     # ----------------------------------------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -225,24 +225,15 @@ class PolicyModule(L.LightningModule):
             self.hparams.seed * 1_000_003 + int(self.iteration) * 7919 + self.global_rank * 104_729 + salt
         )
 
-    def _all_finite(self, values: dict[str, tuple[torch.Tensor | None, str]]) -> bool:
-        """Check named tensors (``name: (tensor, source)``) on every rank together; raise or (skip) count."""
-        step = self.global_step
-        bad = next(((n, t, src) for n, (t, src) in values.items() if t is not None and count_nonfinite(t)), None)
-        if self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
-            return True
-        ok = self.finite_guard.fail("non-finite value on another rank", step) if bad is None else None
-        if bad is not None:
-            ok = self.finite_guard.check(bad[0], bad[1], step, bad[2])
-        self.log("train/nonfinite_skipped", float(self.finite_guard.skipped), reduce_fx="max", batch_size=1)
-        return ok
+    def _finite(self, values: dict[str, tuple[torch.Tensor | None, str]]) -> bool:
+        return finite_on_all_ranks(self, self.finite_guard, values)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Check the actor's and critics' gradients before they reach the weights (``on_nonfinite`` decides)."""
         guard_gradients(self, self.finite_guard, self, prefix="")
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
-        if not self._all_finite({"train/loss": (loss, model_source(self, "actor"))}):
+        if not self._finite({"train/loss": (loss, model_source(self, "actor"))}):
             return
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -265,19 +256,19 @@ class PolicyModule(L.LightningModule):
             "reward_values": (rollout.reward_values, "reward_critic"),
             "cost_values": (rollout.cost_values, "cost_critic"),
         }
-        if not self._all_finite({n: (t, model_source(self, m)) for n, (t, m) in scored.items()}):
+        if not self._finite({n: (t, model_source(self, m)) for n, (t, m) in scored.items()}):
             return
         multiplier = self.dual.value.to(self.device)
         targets = compute_advantages(rollout, self.objective, self.estimation, k, multiplier)
         where = "the advantage computation (model.init_args.estimation)"
-        if not self._all_finite({"advantages": (targets.advantages, where)}):
+        if not self._finite({"advantages": (targets.advantages, where)}):
             return
         metrics = ppo_update(self.models, rollout, targets, self.update_config, self.estimation, self._optimizer_step)
         statistic = None
         if self.objective.constrained:
             local = self.objective.statistic(rollout.costs, k)
             statistic = self.trainer.strategy.reduce(local, reduce_op="mean")
-            if self._all_finite({"dual_statistic": (statistic, model_source(self, "cost_model"))}):
+            if self._finite({"dual_statistic": (statistic, model_source(self, "cost_model"))}):
                 self.dual.update(statistic.detach().float().cpu().reshape(1))
                 check_finite("lagrange_multiplier", self.dual.lagrange_multiplier, "the dual update")
         self.iteration += 1
@@ -371,25 +362,3 @@ class PolicyModule(L.LightningModule):
             if self.objective.constrained:
                 metadata["lagrange_multiplier"] = float(self.dual.value[0])
             export_from_trainer(self.trainer, self.actor, self.tokenizer, self.hparams.export_dir, metadata)
-
-
-def _describe(component: object) -> dict:
-    """``{"class_path", "init_args"}`` of a component that keeps its ``__init__`` arguments as attributes."""
-    cls = type(component)
-    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    init_args = {name: getattr(component, name) for name in names if hasattr(component, name)}
-    for name, value in init_args.items():
-        if isinstance(value, torch.nn.Module):  # a nested component (the dual variable's rule)
-            init_args[name] = _describe(value)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-
-def _drop_frozen_models(module: PolicyModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` post-hook: frozen models reload from their paths, so checkpoints never hold them.
-
-    Dropping them from the module's own ``state_dict`` (not only from a saved checkpoint) keeps them out of sharded
-    (distributed) checkpoints too, whose loader asks the module which keys to read.
-    """
-    frozen = tuple(f"{prefix}{name}." for name in FROZEN)
-    for key in [k for k in state_dict if k.startswith(frozen)]:
-        del state_dict[key]

@@ -143,3 +143,14 @@ def load_policy_models(
         if with_cost:
             cost_critic = critic(sources.cost_model_path, cost_scorer)
     return PolicyModels(tokenizer, actor, ref_model, reward_scorer, cost_scorer, reward_critic, cost_critic)
+
+
+def drop_frozen_models(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: frozen models reload from their paths, so checkpoints never hold them.
+
+    Dropping them from the module's own ``state_dict`` (not only from a saved checkpoint) keeps them out of sharded
+    (distributed) checkpoints too, whose loader asks the module which keys to read.
+    """
+    frozen = tuple(f"{prefix}{name}." for name in FROZEN)
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]

@@ -16,6 +16,9 @@ This class holds no implementation (composition over inheritance): the maths liv
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 from torch import Tensor
 
 
@@ -69,3 +72,14 @@ def matched_cost_kl_coef(kl_coef: float, cost_kl_coef: float | None, normalize_a
     if cost_kl_coef is not None:
         return cost_kl_coef
     return kl_coef if normalize_advantage_mix else 0.0
+
+
+def describe(component: object) -> dict:
+    """``{"class_path", "init_args"}`` of a component that keeps its ``__init__`` arguments as attributes."""
+    cls = type(component)
+    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    init_args = {name: getattr(component, name) for name in names if hasattr(component, name)}
+    for name, value in init_args.items():
+        if isinstance(value, torch.nn.Module):  # a nested component (the dual variable's rule)
+            init_args[name] = describe(value)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
