@@ -245,7 +245,7 @@ def test_policy_under_fsdp2_keeps_ranks_in_step_and_resumes_from_a_sharded_check
     # Resume after two iterations (with the frozen models replicated instead of sharded this time): the third
     # iteration reproduces the uninterrupted run's multiplier and actor.
     config_b = _config(
-        tmp_path / "b", "policy", tiny_exports, trainer=trainer, model={"sharding": {"frozen": "replicate"}}
+        tmp_path / "b", "policy", tiny_exports, trainer=trainer, model={"memory": {"sharding": {"frozen": "replicate"}}}
     )
     _launch(config_b, f"--ckpt_path={ckpt}")
     resumed = _ranks(tmp_path / "b")

@@ -30,8 +30,8 @@ run = Path(args["--trainer.logger.init_args.save_dir"]) / name
 if sys.argv[1] == "fit" and name.startswith("policy_"):
     (run / "version_0" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "version_0" / "checkpoints" / "last.ckpt").write_text("")
-if "--model.init_args.report_dir" in args:
-    out = Path(args["--model.init_args.report_dir"])
+if "--model.init_args.evaluation.report_dir" in args:
+    out = Path(args["--model.init_args.evaluation.report_dir"])
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"true_unsafe_response_rate": 0.5, "reward_mean": 1.0, "kl_mean": 0.0}
     (out / "metrics.json").write_text(json.dumps(metrics))
