@@ -13,13 +13,19 @@ BENCH_VENV ?= .bench-venv
 
 .PHONY: install demo test test-fast lint benchmark throughput clean
 
+INSTALL_LOG ?= $(VENV)-install.log
+
+# pip's output goes to $(INSTALL_LOG) (one line on the terminal); on failure its last lines are printed.
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	@echo "installing into $(VENV) (torch==$(TORCH_VERSION) first; full log: $(INSTALL_LOG))"
+	@( set -e; \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	  $(PY) -m pip install -q -e ".[dev]" ) > $(INSTALL_LOG) 2>&1 \
+	  || { echo "install failed; last lines of $(INSTALL_LOG):"; tail -n 30 $(INSTALL_LOG); exit 1; }
+	@touch $@
 
 install: $(VENV)/.installed
 
