@@ -43,7 +43,7 @@ def check_probability(key: str, value: float | None, open_low: bool = False) -> 
 
 
 def check_at_least(key: str, value: float | None, minimum: float, minimum_key: str | None = None) -> None:
-    """``value >= minimum``; ``minimum_key`` names the setting the minimum comes from (``lagrange_init``)."""
+    """``value >= minimum``; ``minimum_key`` names the setting the minimum comes from (``data.max_prompt_length``)."""
     if value is None or value >= minimum:
         return
     bound = f"{minimum_key} ({minimum})" if minimum_key else f"{minimum}"

@@ -19,7 +19,7 @@ Card layout::
       algorithm: repo
       lagrange_multiplier: 1.73
       data: {dataset: safetyworld, mode: prompts, split: train}
-      metrics: {train/lambda: 1.73, val/true_unsafe_frac: 0.06, ...}
+      metrics: {train/lambda: 1.73, val/true_unsafe_response_rate: 0.06, ...}
       command: python -m repo_lightning fit --config configs/demo/repo.yaml ...
       evaluation: {true_unsafe_prompt_rate/hazard_mild: 0.19, ...}
     ---
