@@ -62,7 +62,7 @@ class RLHFCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the config with the hyperparameters stored in --ckpt_path, silently undoing
-        # evaluation settings given on the command line (evaluation.report_dir, evaluation.samples_per_prompt, ...). Here the config
+        # evaluation settings given on the command line (evaluation.report_dir, ...). Here the config
         # and command line define the module; the checkpoint restores weights and training state only.
         return
 
