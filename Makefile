@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # TRL 0.24 (the last TRL with PPOTrainer) in its own venv, for `make throughput` only; torch first, pinned, as above.
 BENCH_VENV ?= .bench-venv
 
-.PHONY: install demo test test-fast lint benchmark throughput clean
+.PHONY: install demo test test-fast lint benchmark robustness throughput clean
 
 INSTALL_LOG ?= $(VENV)-install.log
 
@@ -40,6 +40,9 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check repo_lightning tests benchmarks
+
+robustness: install
+	$(PY) benchmarks/demo_robustness.py --out lightning_logs/robustness
 
 benchmark: install
 	$(PY) -m benchmarks.safety_compensation

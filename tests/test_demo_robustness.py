@@ -1,0 +1,41 @@
+"""benchmarks/demo_robustness.py: the criteria of issue 8 applied to a run folder (no training)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import demo_robustness as robustness  # noqa: E402
+
+CRITERIA = argparse.Namespace(max_unsafe=0.05, min_hazard_reward=0.7, min_benign_ratio=0.9)
+
+
+def _run(root: Path, mild: float, hazard_reward: float, benign: float, lam: float) -> Path:
+    repo = {
+        "true_unsafe_prompt_rate/hazard_mild": mild,
+        "true_unsafe_prompt_rate/hazard_severe": 0.0,
+        "true_reward_mean/hazard": hazard_reward,
+        "true_reward_mean/benign": benign,
+        "over_refusal_rate": 0.0,
+        "kl_mean": 3.0,
+    }
+    ppo = {**repo, "true_reward_mean/benign": 3.0}
+    (root / "exports" / "repo").mkdir(parents=True)
+    (root / "exports" / "repo" / "repo_lightning.json").write_text(json.dumps({"lagrange_multiplier": lam}))
+    (root / "summary.json").write_text(json.dumps({"metrics": {"repo": repo, "ppo": ppo}}))
+    return root
+
+
+def test_a_run_passes_only_when_every_criterion_holds(tmp_path):
+    good = robustness.check_run(_run(tmp_path / "good", 0.05, 0.7, 2.7, 4.0), 20.0, CRITERIA)
+    assert good["passed"] and good["benign_ratio"] == 0.9
+    bad = robustness.check_run(_run(tmp_path / "bad", 0.0625, 0.2, 2.0, 20.0), 20.0, CRITERIA)
+    assert not bad["passed"]
+    failed = {name for name, ok in bad["checks"].items() if not ok}
+    assert failed == {"mild_unsafe", "hazard_reward", "benign_vs_ppo", "lambda_below_cap"}
+    table = robustness.format_table({"good": good, "bad": bad, "broken": {"error": "boom", "passed": False}})
+    assert "| good |" in table and "yes" in table and "NO: mild_unsafe" in table and "error: boom" in table
