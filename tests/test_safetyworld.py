@@ -191,6 +191,35 @@ def test_preference_labels_follow_the_oracles(world: World, preference_rows: lis
     assert 0.01 < noisy / (2 * len(preference_rows)) < 0.03  # label_noise = 0.02
 
 
+def _is_off_topic(world: World, prompt: str, response: str) -> bool:
+    """A non-empty response with content words of another topic and none of the prompt's own."""
+    own = world.topic_of(prompt)
+    words = set(response.split())
+    foreign = {w for t in world.topics if t.index != own.index for w in (*t.detail, *t.safe_alt)}
+    return bool(words & foreign) and not words & set(own.detail + own.safe_alt)
+
+
+def test_preference_probes_empty_and_off_topic(world: World, preference_rows: list[dict]) -> None:
+    responses = [(r["prompt"], r[f"response_{i}"]) for r in preference_rows for i in (0, 1)]
+    empty = sum(y == "" for _, y in responses) / len(responses)
+    off_topic = sum(_is_off_topic(world, x, y) for x, y in responses) / len(responses)
+    assert empty == pytest.approx(0.05, abs=0.015)  # preference_empty_prob
+    # preference_off_topic_prob 0.1, plus mixture responses whose only content is their one stray word (rare)
+    assert 0.09 < off_topic < 0.13
+    # the probes are graded like any answer: an empty or off-topic answer is safe, off-topic words cost helpfulness
+    for x, y in responses:
+        if y == "":
+            assert world.helpfulness(x, y) == 0 and world.harm(x, y) <= 0
+        elif _is_off_topic(world, x, y):
+            assert world.helpfulness(x, y) < 0 and world.harm(x, y) <= 0
+    # SFT demonstrations never contain probes, and without probes the preference rows are the mixture's alone
+    assert not any(r["response"] == "" for r in world.sft_rows())
+    unprobed = World(WorldConfig(preference_off_topic_prob=0.0, preference_empty_prob=0.0)).preference_rows()
+    assert not any(r["response_0"] == "" or r["response_1"] == "" for r in unprobed)
+    with pytest.raises(ValueError, match="preference_off_topic_prob"):
+        WorldConfig(preference_off_topic_prob=0.7, preference_empty_prob=0.5)
+
+
 def test_sft_mixture(world: World) -> None:
     rows = world.sft_rows()
     assert len(rows) == 3000

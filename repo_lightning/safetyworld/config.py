@@ -50,6 +50,13 @@ class WorldConfig:
         off_topic_prob: Probability that a sampled non-refusal, non-filler response gets one off-topic content
             word. The spec leaves it out; 0.25 by default so that the learned reward and cost models see
             off-topic words in training and do not score them arbitrarily when the policy produces them.
+        preference_off_topic_prob: Probability that a response of a *preference* pair (not of an SFT row) is
+            replaced by an off-topic one: 1 to ``max_detail_words`` content words (detail or safe_alt) of one other
+            topic, none of the prompt's own. Real preference data rates answers from many models, bad ones included;
+            without such pairs the learned reward model cannot tell an on-topic safe_alt answer from an off-topic
+            one, and RL drifts to off-topic words (docs/safetyworld.md, "Preference probes").
+        preference_empty_prob: The same for an empty response (the policy's immediate end-of-sequence), which the
+            behaviour mixtures never produce, so an unprobed reward model scores it as well as safety guidance.
         label_noise: Probability that each ``is_response_i_safe`` label is flipped (annotator noise).
         preference_temperature: ``T`` in ``P(better = 0) = sigmoid((R*_0 - R*_1) / T)`` (and likewise for the
             safer label with ``-C*``).
@@ -91,6 +98,8 @@ class WorldConfig:
     max_filler_response_words: int = 6
     num_filler_words: int = 12
     off_topic_prob: float = 0.25
+    preference_off_topic_prob: float = 0.1
+    preference_empty_prob: float = 0.05
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2
@@ -124,7 +133,17 @@ class WorldConfig:
             ),
             "probabilities in [0, 1]": all(
                 0 <= p <= 1
-                for p in (self.detail_safe_alt_prob, self.filler_prob, self.off_topic_prob, self.label_noise)
+                for p in (
+                    self.detail_safe_alt_prob,
+                    self.filler_prob,
+                    self.off_topic_prob,
+                    self.preference_off_topic_prob,
+                    self.preference_empty_prob,
+                    self.label_noise,
+                )
+            ),
+            "preference_off_topic_prob + preference_empty_prob <= 1": (
+                self.preference_off_topic_prob + self.preference_empty_prob <= 1
             ),
             "preference_temperature > 0": self.preference_temperature > 0,
             "eval_templates_per_verb >= 1": self.eval_templates_per_verb >= 1,

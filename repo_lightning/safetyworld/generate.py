@@ -52,7 +52,10 @@ FILLER_WORDS: tuple[str, ...] = (
 )
 
 #: Behaviours that ``sample_response`` accepts.
-BEHAVIOURS: tuple[str, ...] = ("detail", "detail_safe_alt", "safe_alt", "refusal", "filler")
+BEHAVIOURS: tuple[str, ...] = ("detail", "detail_safe_alt", "safe_alt", "refusal", "filler", "off_topic", "empty")
+
+#: Behaviours that only preference pairs use (``WorldConfig.preference_off_topic_prob`` / ``preference_empty_prob``).
+PROBE_BEHAVIOURS: tuple[str, ...] = ("off_topic", "empty")
 
 TOPIC_KINDS: tuple[str, ...] = ("benign", "hazard_mild", "hazard_severe")
 
@@ -200,8 +203,9 @@ def sample_response(
     Args:
         topic: The prompt's topic.
         behaviour: One of :data:`BEHAVIOURS`: ``detail`` (detail words), ``detail_safe_alt`` (detail words
-            then safe_alt words), ``safe_alt`` (safe_alt words only), ``refusal`` (exactly the refusal phrase)
-            or ``filler`` (filler words only).
+            then safe_alt words), ``safe_alt`` (safe_alt words only), ``refusal`` (exactly the refusal phrase),
+            ``filler`` (filler words only), ``off_topic`` (1 to ``max_detail_words`` detail or safe_alt words of
+            one other topic, with filler) or ``empty`` (the empty string).
         rng: Source of randomness.
         config: Word counts, filler and off-topic probabilities.
         other_topics: Topics that an off-topic word may come from (used when ``config.off_topic_prob > 0``).
@@ -217,18 +221,26 @@ def sample_response(
     filler = FILLER_WORDS[: config.num_filler_words]
     if behaviour == "refusal":
         return REFUSAL
+    if behaviour == "empty":
+        return ""
     if behaviour == "filler":
         length = rng.randint(config.min_filler_response_words, config.max_filler_response_words)
         return " ".join(rng.choice(filler) for _ in range(length))
     content: list[str] = []
+    others = [t for t in other_topics if t.index != topic.index]
+    if behaviour == "off_topic":
+        if not others:
+            raise ValueError("an off_topic response needs other topics")
+        stray = rng.choice(others)
+        pool = stray.detail + stray.safe_alt
+        content += rng.sample(pool, rng.randint(1, min(config.max_detail_words, len(pool))))
     if behaviour in ("detail", "detail_safe_alt"):
         num_detail = rng.randint(config.min_detail_words, config.max_detail_words)
         content += rng.sample(topic.detail, num_detail)
     if behaviour in ("safe_alt", "detail_safe_alt"):
         num_safe_alt = rng.randint(config.min_safe_alt_words, config.max_safe_alt_words)
         content += rng.sample(topic.safe_alt, num_safe_alt)
-    others = [t for t in other_topics if t.index != topic.index]
-    if others and rng.random() < config.off_topic_prob:
+    if behaviour != "off_topic" and others and rng.random() < config.off_topic_prob:
         stray = rng.choice(others)
         content.insert(rng.randint(0, len(content)), rng.choice(stray.detail + stray.safe_alt))
     words: list[str] = []
@@ -246,3 +258,13 @@ def sample_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> s
     if behaviour == "detail" and rng.random() < config.detail_safe_alt_prob:
         behaviour = "detail_safe_alt"
     return behaviour
+
+
+def sample_preference_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> str:
+    """A behaviour for one response of a preference pair: a probe (off-topic, empty) or the kind's mixture."""
+    draw = rng.random()
+    if draw < config.preference_off_topic_prob:
+        return "off_topic"
+    if draw < config.preference_off_topic_prob + config.preference_empty_prob:
+        return "empty"
+    return sample_behaviour(topic, rng, config)

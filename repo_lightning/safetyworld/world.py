@@ -28,6 +28,7 @@ from repo_lightning.safetyworld.generate import (
     make_topics,
     prompt_pools,
     sample_behaviour,
+    sample_preference_behaviour,
     sample_response,
     template_words,
 )
@@ -131,6 +132,9 @@ class World:
     def _mixture_response(self, topic: Topic, rng: random.Random) -> str:
         return self.sample_response(topic, sample_behaviour(topic, rng, self.config), rng)
 
+    def _preference_response(self, topic: Topic, rng: random.Random) -> str:
+        return self.sample_response(topic, sample_preference_behaviour(topic, rng, self.config), rng)
+
     def sft_rows(self) -> list[dict]:
         """``num_sft_rows`` rows ``{"prompt", "response", "topic", "kind"}`` on training prompts.
 
@@ -147,6 +151,10 @@ class World:
 
     def preference_rows(self) -> list[dict]:
         """``num_preference_rows`` rows in the PKU-SafeRLHF schema on training prompts.
+
+        Each response follows the kind's behaviour mixture, except that with probability
+        ``preference_off_topic_prob`` / ``preference_empty_prob`` it is an off-topic or an empty answer (probes of
+        what an RL policy drifts to; SFT rows never contain them).
 
         Keys: ``prompt``, ``response_0``, ``response_1``, ``better_response_id`` (int, drawn with
         ``P(0) = sigmoid((R*_0 - R*_1) / T)``), ``safer_response_id`` (int, the same with ``-C*``),
@@ -169,12 +177,12 @@ class World:
         rows = []
         for _ in range(count):
             prompt, topic = rng.choice(pool)
-            responses = [self._mixture_response(topic, rng)]
-            second = self._mixture_response(topic, rng)
+            responses = [self._preference_response(topic, rng)]
+            second = self._preference_response(topic, rng)
             for _ in range(_MAX_PAIR_REDRAWS):
                 if second != responses[0]:
                     break
-                second = self._mixture_response(topic, rng)
+                second = self._preference_response(topic, rng)
             responses.append(second)
             counts = [oracles.count_words(topic, r, self._content) for r in responses]
             rewards = [oracles.helpfulness(topic, c, cfg) for c in counts]
