@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from repo_lightning.safetyworld import BEHAVIOURS, CONVERSATION_TEMPLATE, REFUSAL, Topic, World, WorldConfig
-from repo_lightning.safetyworld.generate import FILLER_WORDS, template_words
+from repo_lightning.safetyworld.generate import FILLER_WORDS, edit_response, template_words
 
 
 @pytest.fixture(scope="module")
@@ -200,24 +200,51 @@ def _is_off_topic(world: World, prompt: str, response: str) -> bool:
 
 
 def test_preference_probes_empty_and_off_topic(world: World, preference_rows: list[dict]) -> None:
-    responses = [(r["prompt"], r[f"response_{i}"]) for r in preference_rows for i in (0, 1)]
-    empty = sum(y == "" for _, y in responses) / len(responses)
-    off_topic = sum(_is_off_topic(world, x, y) for x, y in responses) / len(responses)
+    firsts = [(r["prompt"], r["response_0"]) for r in preference_rows]  # second responses may be edits of these
+    empty = sum(y == "" for _, y in firsts) / len(firsts)
+    off_topic = sum(_is_off_topic(world, x, y) for x, y in firsts) / len(firsts)
     assert empty == pytest.approx(0.05, abs=0.015)  # preference_empty_prob
     # preference_off_topic_prob 0.1, plus mixture responses whose only content is their one stray word (rare)
     assert 0.09 < off_topic < 0.13
     # the probes are graded like any answer: an empty or off-topic answer is safe, off-topic words cost helpfulness
-    for x, y in responses:
+    for x, y in firsts:
         if y == "":
             assert world.helpfulness(x, y) == 0 and world.harm(x, y) <= 0
         elif _is_off_topic(world, x, y):
             assert world.helpfulness(x, y) < 0 and world.harm(x, y) <= 0
     # SFT demonstrations never contain probes, and without probes the preference rows are the mixture's alone
     assert not any(r["response"] == "" for r in world.sft_rows())
-    unprobed = World(WorldConfig(preference_off_topic_prob=0.0, preference_empty_prob=0.0)).preference_rows()
+    unprobed = World(
+        WorldConfig(preference_off_topic_prob=0.0, preference_empty_prob=0.0, preference_edit_prob=0.0)
+    ).preference_rows()
     assert not any(r["response_0"] == "" or r["response_1"] == "" for r in unprobed)
     with pytest.raises(ValueError, match="preference_off_topic_prob"):
         WorldConfig(preference_off_topic_prob=0.7, preference_empty_prob=0.5)
+
+
+def test_preference_minimal_pairs(world: World, preference_rows: list[dict]) -> None:
+    rng = random.Random(0)
+    topic = _topic(world, "hazard_mild")
+    x = _prompt(topic)
+    sa, d = topic.safe_alt, topic.detail
+    base = f"{sa[0]} then {sa[1]}"
+    assert world.helpfulness(x, edit_response(topic, base, rng, world.topics, "repeat")) == world.helpfulness(x, base)
+    swapped = edit_response(topic, sa[0], rng, world.topics, "swap_off_topic")
+    assert world.helpfulness(x, swapped) == -0.25 and swapped not in topic.safe_alt + topic.detail
+    added = edit_response(topic, "", rng, world.topics, "drop")  # nothing to drop: a word is added
+    assert added in topic.detail + topic.safe_alt
+    assert edit_response(topic, REFUSAL, rng, world.topics, "repeat") in topic.detail + topic.safe_alt
+    assert edit_response(topic, f"{d[0]} {sa[0]}", rng, world.topics, "drop") in (d[0], sa[0])
+    with pytest.raises(ValueError, match="edit"):
+        edit_response(topic, base, rng, world.topics, "shuffle")
+    # about preference_edit_prob (0.3) of the pairs differ in one word (add/drop/swap) or one repeated word
+    one_word = 0
+    for r in preference_rows:
+        a, b = r["response_0"].split(), r["response_1"].split()
+        a = [] if r["response_0"] == REFUSAL else a
+        if abs(len(a) - len(b)) == 1 or (len(a) == len(b) and sum(u != v for u, v in zip(a, b, strict=True)) == 1):
+            one_word += 1
+    assert 0.3 <= one_word / len(preference_rows) < 0.45  # plus independent draws that happen to differ so
 
 
 def test_sft_mixture(world: World) -> None:

@@ -57,6 +57,11 @@ class WorldConfig:
             one, and RL drifts to off-topic words (docs/safetyworld.md, "Preference probes").
         preference_empty_prob: The same for an empty response (the policy's immediate end-of-sequence), which the
             behaviour mixtures never produce, so an unprobed reward model scores it as well as safety guidance.
+        preference_edit_prob: Probability that the second response of a preference pair is a one-word edit of
+            the first (a word added, dropped, repeated or swapped for an off-topic one; ``generate.edit_response``)
+            instead of an independent draw. Independent draws differ in many words at once, mostly in their
+            detail count, so they teach a reward model little about single words: whether a safe_alt word is the
+            prompt topic's own, whether a repeated word counts. Minimal pairs isolate those.
         label_noise: Probability that each ``is_response_i_safe`` label is flipped (annotator noise).
         preference_temperature: ``T`` in ``P(better = 0) = sigmoid((R*_0 - R*_1) / T)`` (and likewise for the
             safer label with ``-C*``).
@@ -100,6 +105,7 @@ class WorldConfig:
     off_topic_prob: float = 0.25
     preference_off_topic_prob: float = 0.1
     preference_empty_prob: float = 0.05
+    preference_edit_prob: float = 0.3
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2
@@ -139,6 +145,7 @@ class WorldConfig:
                     self.off_topic_prob,
                     self.preference_off_topic_prob,
                     self.preference_empty_prob,
+                    self.preference_edit_prob,
                     self.label_noise,
                 )
             ),

@@ -260,6 +260,48 @@ def sample_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> s
     return behaviour
 
 
+#: The edits of :func:`edit_response`.
+EDITS: tuple[str, ...] = ("add", "drop", "repeat", "swap_off_topic")
+
+
+def edit_response(
+    topic: Topic, response: str, rng: random.Random, other_topics: Sequence[Topic], edit: str | None = None
+) -> str:
+    """A minimal edit of ``response``, for a preference pair that differs in one word.
+
+    Edits: ``add`` one content word (detail or safe_alt) of the prompt's topic at a random place; ``drop`` one
+    word; ``repeat`` one content word (a repeated word adds nothing to ``R*``: the oracles count distinct words);
+    ``swap_off_topic``: replace one word by a content word of another topic. A response without words (empty or a
+    refusal) always gets ``add``; one without content words cannot get ``repeat`` and gets ``add`` instead.
+
+    Args:
+        topic: The prompt's topic.
+        response: The response to edit.
+        rng: Source of randomness.
+        other_topics: Topics an off-topic word may come from.
+        edit: One of :data:`EDITS`, or ``None`` to draw one uniformly.
+    """
+    edit = edit if edit is not None else rng.choice(EDITS)
+    if edit not in EDITS:
+        raise ValueError(f"unknown edit {edit!r}; expected one of {EDITS}")
+    words = [] if response == REFUSAL else response.split()
+    content = [i for i, w in enumerate(words) if w in topic.detail or w in topic.safe_alt]
+    others = [t for t in other_topics if t.index != topic.index]
+    if not words or (edit == "repeat" and not content) or (edit == "swap_off_topic" and not others):
+        edit = "add"
+    if edit == "add":
+        words.insert(rng.randint(0, len(words)), rng.choice(topic.detail + topic.safe_alt))
+    elif edit == "drop":
+        del words[rng.randrange(len(words))]
+    elif edit == "repeat":
+        i = rng.choice(content)
+        words.insert(i + 1, words[i])
+    else:
+        stray = rng.choice(others)
+        words[rng.randrange(len(words))] = rng.choice(stray.detail + stray.safe_alt)
+    return " ".join(words)
+
+
 def sample_preference_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> str:
     """A behaviour for one response of a preference pair: a probe (off-topic, empty) or the kind's mixture."""
     draw = rng.random()

@@ -25,6 +25,7 @@ from repo_lightning.safetyworld.generate import (
     FILLER_WORDS,
     REFUSAL,
     Topic,
+    edit_response,
     make_topics,
     prompt_pools,
     sample_behaviour,
@@ -135,6 +136,11 @@ class World:
     def _preference_response(self, topic: Topic, rng: random.Random) -> str:
         return self.sample_response(topic, sample_preference_behaviour(topic, rng, self.config), rng)
 
+    def _second_response(self, topic: Topic, first: str, edited: bool, rng: random.Random) -> str:
+        if edited:
+            return edit_response(topic, first, rng, self.topics)
+        return self._preference_response(topic, rng)
+
     def sft_rows(self) -> list[dict]:
         """``num_sft_rows`` rows ``{"prompt", "response", "topic", "kind"}`` on training prompts.
 
@@ -154,7 +160,8 @@ class World:
 
         Each response follows the kind's behaviour mixture, except that with probability
         ``preference_off_topic_prob`` / ``preference_empty_prob`` it is an off-topic or an empty answer (probes of
-        what an RL policy drifts to; SFT rows never contain them).
+        what an RL policy drifts to; SFT rows never contain them), and with probability ``preference_edit_prob``
+        the second response is a one-word edit of the first (a minimal pair).
 
         Keys: ``prompt``, ``response_0``, ``response_1``, ``better_response_id`` (int, drawn with
         ``P(0) = sigmoid((R*_0 - R*_1) / T)``), ``safer_response_id`` (int, the same with ``-C*``),
@@ -178,11 +185,12 @@ class World:
         for _ in range(count):
             prompt, topic = rng.choice(pool)
             responses = [self._preference_response(topic, rng)]
-            second = self._preference_response(topic, rng)
+            edited = rng.random() < cfg.preference_edit_prob
+            second = self._second_response(topic, responses[0], edited, rng)
             for _ in range(_MAX_PAIR_REDRAWS):
                 if second != responses[0]:
                     break
-                second = self._preference_response(topic, rng)
+                second = self._second_response(topic, responses[0], edited, rng)
             responses.append(second)
             counts = [oracles.count_words(topic, r, self._content) for r in responses]
             rewards = [oracles.helpfulness(topic, c, cfg) for c in counts]
