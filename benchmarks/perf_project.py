@@ -14,8 +14,9 @@ lambda 0.95, whitened advantages, no reward whitening, no score clip, no missing
 value clip 0.2, value coef 0.1, ``ppo_epochs`` x minibatches of ``batch / mini_batches``, no gradient clipping,
 ``torch.set_num_threads(--threads)``; and, where this project's defaults differ from what TRL runs: dropout 0 in
 the saved models (TRL's ``PPOTrainer`` calls ``disable_dropout_in_model`` on all four; ``--dropout 0.1`` is GPT-2's
-default that our module would train with) and ``AdamW(fused=True, weight_decay=0)`` at one lr for actor and critic
-(TRL's ``adamw_torch_fused``; ``--optimizer adamw`` is the module's default, unfused, weight decay 0.01).
+default that our module would train with) and ``AdamW(weight_decay=0)`` with ``update.fused_optimizer: true`` (so
+``fused=True``) at one lr for actor and critic (TRL's ``adamw_torch_fused``; ``--optimizer adamw`` is the module's
+default, unfused, weight decay 0.01).
 
 Phases (median over the timed iterations): ``generate`` = ``rollout.sample_responses``; ``rollout_scoring`` = the
 rest of ``collect_rollout`` (old log-probs, reference, reward / cost, critic values, decoding); ``ppo_update`` =
@@ -92,7 +93,7 @@ def parse_args(argv=None):
         "--optimizer",
         choices=["adamw_fused", "adamw"],
         default="adamw_fused",
-        help="adamw_fused: AdamW(fused=True, weight_decay=0) as TRL's adamw_torch_fused; adamw: the module default",
+        help="adamw_fused: AdamW(weight_decay=0), update.fused_optimizer (TRL's adamw_torch_fused); adamw: default",
     )
     r.add_argument(
         "--attn-implementation",
@@ -235,7 +236,8 @@ def config(root: str, a) -> str:
     if a.attn_implementation:
         model["memory"] = {"attn_implementation": a.attn_implementation}
     if a.optimizer == "adamw_fused":
-        model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"fused": True, "weight_decay": 0.0}}
+        model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"weight_decay": 0.0}}
+        model["update"]["fused_optimizer"] = True
     if a.algorithm != "ppo":
         model["cost_model_path"] = f"{root}/cost"
     cfgd = {

@@ -460,3 +460,14 @@ def test_trained_policy_exports_a_causal_lm_that_generates(tmp_path, tiny_export
     out = loaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, 4)
     assert json.loads((export / "repo_lightning.json").read_text())["algorithm"] == "repo"
+
+
+def test_fused_optimizer_option_builds_fused_adamw_for_actor_and_critics(tmp_path, tiny_exports, tiny_world_config):
+    model = {"update": {"fused_optimizer": True}}
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model))
+    optimizer = cli.model.optimizers().optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["fused"] for g in optimizer.param_groups] == [True, True]  # actor, critics
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-2]
+    assert _any_changed(cli.model.actor, AutoModelForCausalLM.from_pretrained(tiny_exports["sft"]))
+    assert cli.model.hparams["update"]["fused_optimizer"] is True
