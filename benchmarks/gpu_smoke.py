@@ -101,10 +101,10 @@ def _instrument_policy(device: str) -> dict[str, _Timer]:
     def timed_sample(*args, **kwargs):
         _sync(device)
         start = time.perf_counter()
-        sequences, mask, response_mask = sample(*args, **kwargs)
+        samples = sample(*args, **kwargs)  # (sequences, attention_mask, response_mask, logprobs)
         _sync(device)
-        timers["generation"].add(time.perf_counter() - start, int(response_mask.sum()))
-        return sequences, mask, response_mask
+        timers["generation"].add(time.perf_counter() - start, int(samples[2].sum()))
+        return samples
 
     def timed_update(models, rollout, targets, config, *args, **kwargs):
         _sync(device)

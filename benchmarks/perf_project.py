@@ -14,12 +14,17 @@ lambda 0.95, whitened advantages, no reward whitening, no score clip, no missing
 value clip 0.2, value coef 0.1, ``ppo_epochs`` x minibatches of ``batch / mini_batches``, no gradient clipping,
 ``torch.set_num_threads(--threads)``; and, where this project's defaults differ from what TRL runs: dropout 0 in
 the saved models (TRL's ``PPOTrainer`` calls ``disable_dropout_in_model`` on all four; ``--dropout 0.1`` is GPT-2's
-default that our module would train with) and ``AdamW(fused=True, weight_decay=0)`` at one lr for actor and critic
-(TRL's ``adamw_torch_fused``; ``--optimizer adamw`` is the module's default, unfused, weight decay 0.01).
+default that our module would train with) and ``AdamW(weight_decay=0)`` with ``update.fused_optimizer: true`` (so
+``fused=True``) at one lr for actor and critic (TRL's ``adamw_torch_fused``; ``--optimizer adamw`` is the module's
+default, unfused, weight decay 0.01); and the old log-probs read from the sampling logits
+(``sampling.logprobs_from_generation: true``, as TRL does; ``--old-logprobs forward`` is the module's default, one
+more no-grad actor forward pass).
 
-Phases (median over the timed iterations): ``generate`` = ``rollout.sample_responses``; ``rollout_scoring`` = the
-rest of ``collect_rollout`` (old log-probs, reference, reward / cost, critic values, decoding); ``ppo_update`` =
-``ppo_update``; ``other`` = the iteration minus those (advantages, dual update, logging, Lightning's loop).
+Phases (median over the timed iterations): ``generate`` = ``rollout.sample_responses`` (with ``--old-logprobs
+generation`` this includes reading the old log-probs off the sampling logits, which TRL counts in its scoring);
+``rollout_scoring`` = the rest of ``collect_rollout`` (the old log-probs' actor forward with ``--old-logprobs
+forward``, reference, reward / cost, critic values, decoding); ``ppo_update`` = ``ppo_update``; ``other`` = the
+iteration minus those (advantages, dual update, logging, Lightning's loop).
 
 Last stdout line: one JSON object with the keys of ``peer_trl_ppo.py``'s.
 """
@@ -92,7 +97,14 @@ def parse_args(argv=None):
         "--optimizer",
         choices=["adamw_fused", "adamw"],
         default="adamw_fused",
-        help="adamw_fused: AdamW(fused=True, weight_decay=0) as TRL's adamw_torch_fused; adamw: the module default",
+        help="adamw_fused: AdamW(weight_decay=0), update.fused_optimizer (TRL's adamw_torch_fused); adamw: default",
+    )
+    r.add_argument(
+        "--old-logprobs",
+        choices=["generation", "forward"],
+        default="generation",
+        help="generation: sampling.logprobs_from_generation (from the sampling logits, as TRL); forward: the "
+        "module default, one more no-grad actor forward pass",
     )
     r.add_argument(
         "--attn-implementation",
@@ -218,6 +230,7 @@ def config(root: str, a) -> str:
             "temperature": a.temperature,
             "top_p": 1.0,
             "top_k": 0,
+            "logprobs_from_generation": a.old_logprobs == "generation",
         },
         "update": {
             "clip_ratio": 0.2,
@@ -235,7 +248,8 @@ def config(root: str, a) -> str:
     if a.attn_implementation:
         model["memory"] = {"attn_implementation": a.attn_implementation}
     if a.optimizer == "adamw_fused":
-        model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"fused": True, "weight_decay": 0.0}}
+        model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"weight_decay": 0.0}}
+        model["update"]["fused_optimizer"] = True
     if a.algorithm != "ppo":
         model["cost_model_path"] = f"{root}/cost"
     cfgd = {
@@ -365,6 +379,7 @@ def main(a) -> dict:
         "samples_per_prompt": a.samples_per_prompt,
         "dropout": a.dropout,
         "optimizer": a.optimizer,
+        "old_logprobs": a.old_logprobs,
         "sec_per_iter_median": round(med, 4),
         "sec_per_iter_min": round(min(it), 4),
         "sec_per_iter_max": round(max(it), 4),

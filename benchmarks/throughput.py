@@ -99,7 +99,8 @@ WORKLOADS: dict[str, dict] = {
 ITERS = {"W1": (4, 1), "W2": (2, 1), "tiny": (1, 1)}
 SIDES = ("trl", "ppo", "repo")
 # Not run by default: ``ppo`` with the module's own defaults where they differ from what TRL runs (dropout 0.1 as
-# GPT-2's config has it, AdamW unfused with weight decay 0.01), to show what the like-for-like settings change.
+# GPT-2's config has it, AdamW unfused with weight decay 0.01, old log-probs from one more actor forward pass), to
+# show what the like-for-like settings change.
 EXTRA_SIDES = ("ppo-defaults",)
 PHASES = ("generate", "rollout_scoring", "ppo_update", "other")
 RESULT_KEYS = (
@@ -164,6 +165,7 @@ def run_one(side: str, workload: str, dtype: str, args, workdir: str) -> dict:
         cmd = [args.trl_python, str(PEER_SCRIPT), *common, f"--workdir={workdir}/trl-{workload}"]
     elif side == "ppo-defaults":
         cmd = [sys.executable, str(PROJECT_SCRIPT), *common, "--algorithm=ppo", "--dropout=0.1", "--optimizer=adamw"]
+        cmd.append("--old-logprobs=forward")
     else:
         cmd = [sys.executable, str(PROJECT_SCRIPT), *common, f"--algorithm={side}"]
         cmd.append(f"--workdir={workdir}/{side}-{workload}-{dtype}")

@@ -6,6 +6,7 @@ exports full of NaN. The checks here name *what* went non-finite (``train/loss``
 
 * :func:`check_finite` raises :class:`~repo_lightning.errors.NonFiniteError` on the first non-finite value.
 * :class:`FiniteGuard` is the per-module policy: ``raise`` (the default) or ``skip`` the batch, counted.
+* :func:`all_finite` is the fast check behind the two below (one reduction per tensor, one sync per device).
 * :func:`first_nonfinite_weight` finds the first non-finite parameter or buffer of a model (for loaded models and
   for exports).
 * :class:`NonFiniteWeightCheck` is the callback the CLI adds to every run: it checks every model's weights when
@@ -55,6 +56,26 @@ def count_nonfinite(tensor: Tensor) -> int:
     return int((~torch.isfinite(tensor.detach())).sum())
 
 
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """``True`` only if every value of every tensor is finite; one host sync per device instead of one per tensor.
+
+    Each floating tensor is reduced to its sum (one pass, no temporaries), and the sums are checked together. A sum
+    is non-finite whenever one of its values is (NaN and inf propagate), so ``True`` is exact; ``False`` may also
+    come from a sum of finite values that overflows, which is why callers confirm a ``False`` with
+    :func:`count_nonfinite` tensor by tensor (the slow path, taken only when something is, or may be, wrong).
+    """
+    sums: dict[torch.device, list[Tensor]] = {}
+    for tensor in tensors:
+        tensor = _local(tensor).detach()
+        if tensor.is_complex():
+            tensor = torch.view_as_real(tensor)
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        total = tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 else tensor.sum()
+        sums.setdefault(total.device, []).append(total.float())
+    return all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values())
+
+
 def describe(name: str, tensor: Tensor) -> str:
     """``name (3 of 32 values NaN or inf)``."""
     tensor = _local(tensor)
@@ -86,10 +107,11 @@ def first_nonfinite_weight(model: nn.Module, trainable_only: bool = False) -> st
         model: The model.
         trainable_only: Check only parameters with ``requires_grad`` (and every buffer).
     """
-    for name, tensor in model.named_parameters():
-        if (not trainable_only or tensor.requires_grad) and count_nonfinite(tensor):
-            return describe(name, tensor)
-    for name, tensor in model.named_buffers():
+    parameters = [(n, t) for n, t in model.named_parameters() if not trainable_only or t.requires_grad]
+    buffers = list(model.named_buffers())
+    if all_finite(t for _, t in parameters + buffers):
+        return None
+    for name, tensor in parameters + buffers:
         if count_nonfinite(tensor):
             return describe(name, tensor)
     return None
@@ -97,6 +119,9 @@ def first_nonfinite_weight(model: nn.Module, trainable_only: bool = False) -> st
 
 def first_nonfinite_gradient(parameters: Iterable[tuple[str, nn.Parameter]]) -> str | None:
     """``gradient of <name> (...)`` for the first parameter whose gradient holds NaN or inf, else ``None``."""
+    parameters = list(parameters)
+    if all_finite(p.grad for _, p in parameters if p.grad is not None):
+        return None
     for name, parameter in parameters:
         if parameter.grad is not None and count_nonfinite(parameter.grad):
             return describe(f"gradient of {name}", parameter.grad)

@@ -141,3 +141,28 @@ def test_skip_mode_counts_and_logs_skipped_batches(tmp_path):
     assert float(cli.trainer.callback_metrics["train/nonfinite_skipped"]) == cli.model.finite_guard.skipped
     # A skipped batch makes no optimizer step, so several skips share a step; TensorBoard has at least one of them.
     assert max(s.value for s in events.Scalars("train/nonfinite_skipped")) >= 1
+
+
+def test_fast_check_is_exact_when_finite_and_falls_back_to_naming_the_tensor():
+    from repo_lightning.finite_guard import all_finite, first_nonfinite_gradient
+
+    finite = [torch.ones(3), torch.ones(2, dtype=torch.bfloat16), torch.tensor([1, 2]), torch.zeros(0)]
+    assert all_finite(finite)
+    for bad in (math.nan, math.inf, -math.inf):
+        assert not all_finite([*finite, torch.tensor([0.0, bad])])
+    # Finite values whose sum overflows: the fast check says "maybe", the exact path clears them.
+    huge = torch.full((4,), 3e38)
+    assert not all_finite([huge])
+    model = torch.nn.Linear(4, 1)
+    model.weight.grad = huge.view(1, 4).clone()
+    model.bias.grad = torch.zeros(1)
+    assert first_nonfinite_gradient(model.named_parameters()) is None
+    with torch.no_grad():
+        model.weight.copy_(huge.view(1, 4))
+    assert first_nonfinite_weight(model) is None
+    # ... and still names the first truly non-finite one behind an overflowing sum.
+    model.bias.grad = torch.tensor([math.nan])
+    assert first_nonfinite_gradient(model.named_parameters()) == "gradient of bias (1 of 1 values NaN)"
+    with torch.no_grad():
+        model.bias.fill_(math.inf)
+    assert first_nonfinite_weight(model) == "bias (1 of 1 values inf)"

@@ -460,3 +460,35 @@ def test_trained_policy_exports_a_causal_lm_that_generates(tmp_path, tiny_export
     out = loaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, 4)
     assert json.loads((export / "repo_lightning.json").read_text())["algorithm"] == "repo"
+
+
+def test_fused_optimizer_option_builds_fused_adamw_for_actor_and_critics(tmp_path, tiny_exports, tiny_world_config):
+    model = {"update": {"fused_optimizer": True}}
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model))
+    optimizer = cli.model.optimizers().optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["fused"] for g in optimizer.param_groups] == [True, True]  # actor, critics
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-2]
+    assert _any_changed(cli.model.actor, AutoModelForCausalLM.from_pretrained(tiny_exports["sft"]))
+    assert cli.model.hparams["update"]["fused_optimizer"] is True
+
+
+def test_logprobs_from_generation_skips_the_actor_forward(tmp_path, tiny_exports, tiny_world_config, monkeypatch):
+    import repo_lightning.modules.rollout as rollout_module
+
+    forwards = []
+    counted = rollout_module.response_logprobs
+
+    def counting(model, *args):
+        forwards.append(model)
+        return counted(model, *args)
+
+    monkeypatch.setattr(rollout_module, "response_logprobs", counting)
+    model = {"sampling": {"logprobs_from_generation": True}}
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model))
+    module = cli.model
+    assert module.sampling.logprobs_from_generation and module.hparams["sampling"]["logprobs_from_generation"]
+    assert forwards == [module.ref_model]  # one rollout: the reference's forward only, none of the actor
+    assert _any_changed(module.actor, AutoModelForCausalLM.from_pretrained(tiny_exports["sft"]))
+    scalars = _scalars(cli.trainer.logger.log_dir)
+    assert all(math.isfinite(scalars[tag][-1]) for tag in TRAIN_SCALARS)

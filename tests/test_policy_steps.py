@@ -142,3 +142,41 @@ def test_repo_mix_all_gives_safe_samples_the_baseline_only_cost_advantage():
     torch.testing.assert_close(full[:, 0], torch.tensor([2.0, -2.0]))
     with pytest.raises(ValueError, match="mix"):
         RePO(mix="some")  # type: ignore[arg-type]
+
+
+def test_ppo_update_averages_statistics_as_python_floats_did(monkeypatch):
+    # Four minibatches whose policy losses sum exactly in float64 (0.5 mean) but not in float32 (1e8 + 1 == 1e8
+    # there: 0.25): the statistics are accumulated as float64 tensors and read once, giving the old Python-float
+    # numbers bit for bit.
+    from types import SimpleNamespace
+
+    from repo_lightning.modules import policy_steps
+    from repo_lightning.modules.policy_config import PPOUpdate
+    from repo_lightning.modules.policy_steps import Advantages, ppo_update
+
+    losses = iter([1e8, 1.0, -1e8, 1.0])
+    zero = torch.tensor(0.0)
+
+    def fake_policy_loss(logprobs, old, advantages, mask, clip):
+        return torch.tensor(next(losses)) + 0.0 * logprobs.sum(), {"clipfrac": zero, "approx_kl": zero}
+
+    monkeypatch.setattr(policy_steps, "ppo_policy_loss", fake_policy_loss)
+    monkeypatch.setattr(
+        policy_steps, "response_logits", lambda actor, seq, attn, p: torch.zeros(len(seq), 2, 5, requires_grad=True)
+    )
+    rollout = _rollout([0.0, 0.0], [0.0, 0.0], [True, True])
+    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
+    steps = []
+    stats = ppo_update(
+        models,
+        rollout,
+        Advantages(torch.zeros(2, 2), None, None, None),
+        PPOUpdate(ppo_epochs=2, minibatch_size=1),
+        Estimation(),
+        steps.append,
+    )
+    assert len(steps) == 4
+    assert set(stats) == {"policy_loss", "clipfrac", "approx_kl", "entropy"}
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" and v.dim() == 0 for v in stats.values())
+    assert stats["policy_loss"].item() == 0.5
+    assert torch.equal(stats["entropy"], torch.tensor(sum(float(torch.tensor(5.0).log()) for _ in range(4)) / 4))

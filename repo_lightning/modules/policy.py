@@ -31,6 +31,7 @@ from repo_lightning.finite_guard import (
 )
 from repo_lightning.models.export import export_from_trainer
 from repo_lightning.models.sharding import as_sharding, move_offloaded_to_cpu, shard_models
+from repo_lightning.modules.optimization import build_optimizer
 from repo_lightning.modules.policy_config import (
     Estimation,
     Evaluation,
@@ -198,12 +199,20 @@ class PolicyModule(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """One optimizer: an actor group and, with critics, a critic group, each with its learning rate."""
-        groups = [{"params": list(self.actor.parameters()), "lr": self.update_config.actor_lr}]
-        critics = [p for m in self.models.critics for p in m.parameters()]
-        if critics:  # critic-free estimators train the actor alone
-            groups.append({"params": critics, "lr": self.update_config.critic_lr})
-        return self.optimizer(groups)
+        """One optimizer: an actor group and, with critics, a critic group, each with its learning rate.
+
+        ``update.fused_optimizer`` builds it with torch's fused kernel where it has one (``build_optimizer``).
+        """
+        update = self.update_config
+
+        def groups() -> list[dict]:
+            out = [{"params": list(self.actor.parameters()), "lr": update.actor_lr}]
+            critics = [p for m in self.models.critics for p in m.parameters()]
+            if critics:  # critic-free estimators train the actor alone
+                out.append({"params": critics, "lr": update.critic_lr})
+            return out
+
+        return build_optimizer(self.optimizer, groups, fused=update.fused_optimizer)
 
     # ----------------------------------------------------------------------------------------------- train
     def _rollout(self, batch: PromptBatch, k: int, temperature: float, with_values: bool = True) -> Rollout:

@@ -45,6 +45,13 @@ class Sampling:
             on-policy).
         top_p: Nucleus sampling mass in ``(0, 1]``.
         top_k: Top-k cutoff (0 disables).
+        logprobs_from_generation: Take the actor's log-probabilities of the samples (``logp_old``) from the logits
+            ``generate`` computed to sample them, as TRL's ``PPOTrainer`` does, instead of one more no-grad forward
+            pass of the actor over the ``N x (P + T)`` rollout. The same quantity (the untempered policy's
+            log-probabilities, whatever ``temperature``, ``top_k`` and ``top_p``) up to float rounding between the
+            KV-cached incremental passes and one full pass (about 1e-6 in float32), so the first minibatch's ratio
+            is 1 only to that precision; holds ``N x T x vocabulary`` float32 logits during generation. Off by
+            default (runs stay bit for bit as before).
     """
 
     samples_per_prompt: int = 4
@@ -52,6 +59,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    logprobs_from_generation: bool = False
 
     def __post_init__(self) -> None:
         _at_least("sampling", "samples_per_prompt", self.samples_per_prompt, 1)
@@ -118,6 +126,10 @@ class PPOUpdate:
         max_grad_norm: Gradient-norm clip over all trained parameters; ``None`` disables.
         actor_lr: Learning rate of the actor parameter group.
         critic_lr: Learning rate of the critic parameter group.
+        fused_optimizer: Build the optimizer with ``fused=True`` (torch's one-kernel step, e.g. ``_fused_adamw_``)
+            where its class and the parameters' device support it, else warn and keep it unfused. The same update
+            up to float rounding (not bit for bit: AdamW on CPU differs by up to 1 ulp a step), hence off by
+            default. An explicit ``fused`` in the optimizer's own ``init_args`` takes precedence.
     """
 
     ppo_epochs: int = 1
@@ -128,6 +140,7 @@ class PPOUpdate:
     max_grad_norm: float | None = 1.0
     actor_lr: float = 1e-5
     critic_lr: float = 5e-6
+    fused_optimizer: bool = False
 
     def __post_init__(self) -> None:
         _at_least("update", "ppo_epochs", self.ppo_epochs, 1)

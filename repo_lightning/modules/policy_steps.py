@@ -124,10 +124,12 @@ def ppo_update(
             LightningModule's manual optimization).
 
     Returns:
-        Mean policy loss, clip fraction, approximate KL, entropy and value losses over all minibatches.
+        Mean policy loss, clip fraction, approximate KL, entropy and value losses over all minibatches: float32
+        scalars on the CPU. The per-minibatch statistics are summed as float64 tensors on the models' device (the
+        sums a Python float would give, without a host sync per statistic and minibatch) and read once.
     """
     n, p = rollout.num_samples, rollout.prompt_length
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     steps = 0
     for _ in range(update.ppo_epochs):
         for idx in torch.randperm(n, device=rollout.sequences.device).split(update.minibatch_size):
@@ -158,9 +160,17 @@ def ppo_update(
                 step["entropy"] = entropy_from_logits(logits.detach(), mask)
             optimizer_step(loss)
             for key, value in step.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                value = value.detach().to(_accumulator_dtype(value.device))
+                sums[key] = sums[key] + value if key in sums else value
             steps += 1
-    return {key: torch.tensor(total / steps) for key, total in sums.items()}
+    keys = list(sums)
+    means = (torch.stack([sums[key] for key in keys]) / steps).float().cpu()  # the one host sync
+    return {key: mean.clone() for key, mean in zip(keys, means.unbind(), strict=True)}
+
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    # float64, as the Python floats the sums were once kept in (MPS has no float64).
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def rollout_metrics(rollout: Rollout, samples_per_prompt: int, oracle=None) -> dict[str, Tensor]:

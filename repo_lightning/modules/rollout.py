@@ -89,7 +89,8 @@ def sample_responses(
     eos_token_id: int,
     pad_token_id: int,
     synced_gpus: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_logprobs: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Sample one response per (already repeated) prompt row with ``generate`` and its KV cache.
 
     Args:
@@ -104,9 +105,15 @@ def sample_responses(
         pad_token_id: Filler after a finished response.
         synced_gpus: Keep stepping until every rank has finished (required when the actor is sharded: each step
             is a collective all-gather of its weights).
+        with_logprobs: Also return the actor's log-probabilities of the sampled tokens, read from the logits
+            ``generate`` computed to sample them (``output_logits``: the model's raw logits, before temperature,
+            top-k and top-p), so no second forward pass is needed. They are those of :func:`response_logprobs`
+            (the untempered policy) up to float rounding between the cached incremental forward passes and one
+            full forward pass. Holds ``N x T x V`` float32 logits until they are read.
 
     Returns:
-        ``(sequences [N, P + T], attention_mask [N, P + T], response_mask [N, T])``.
+        ``(sequences [N, P + T], attention_mask [N, P + T], response_mask [N, T], logprobs)``: ``logprobs`` is
+        ``[N, T]`` float32, 0 after each response's eos, with ``with_logprobs``; otherwise ``None``.
     """
     was_training = actor.training
     actor.eval()
@@ -120,17 +127,39 @@ def sample_responses(
         use_cache=True,
         synced_gpus=synced_gpus,
         **(sampling if temperature > 0 else {"do_sample": False}),
+        **({"return_dict_in_generate": True, "output_logits": True} if with_logprobs else {}),
     )
     actor.train(was_training)
+    step_logits = None
+    if with_logprobs:
+        output, step_logits = output.sequences, output.logits
     prompt_length = input_ids.shape[1]
     response_ids = output[:, prompt_length:]
     if response_ids.shape[1] == 0:  # nothing generated at all
         response_ids = torch.full_like(input_ids[:, :1], eos_token_id)
         output = torch.cat([input_ids, response_ids], dim=1)
+        step_logits = None  # no logits for the stand-in eos: the caller runs the forward pass
     response_mask = response_mask_from_ids(response_ids, eos_token_id)
+    logprobs = None
+    if step_logits is not None:
+        logprobs = logprobs_from_step_logits(step_logits, response_ids)
+        logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
     # Tokens past eos become pad so that every later reader sees the same clean sequence.
     sequences = torch.cat([input_ids, torch.where(response_mask.bool(), response_ids, pad_token_id)], dim=1)
-    return sequences, torch.cat([attention_mask, response_mask], dim=1), response_mask
+    return sequences, torch.cat([attention_mask, response_mask], dim=1), response_mask, logprobs
+
+
+def logprobs_from_step_logits(step_logits: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
+    """``T`` per-step ``[N, V]`` logits (``generate``'s ``output.logits``) and ``[N, T]`` tokens -> ``[N, T]``.
+
+    The definition of :func:`~repo_lightning.rl.losses.logprobs_from_logits` (``log_softmax`` in float32, then
+    ``gather``), one step at a time, so the ``[N, T, V]`` logits are never stacked into one more copy.
+    """
+    steps = [
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, step_tokens.unsqueeze(-1)).squeeze(-1)
+        for logits, step_tokens in zip(step_logits, tokens.unbind(1), strict=True)
+    ]
+    return torch.stack(steps, dim=1)
 
 
 def response_logits(model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
@@ -174,7 +203,8 @@ def collect_rollout(
     Args:
         models: The actor, reference, scorers and critics.
         batch: ``B`` prompts.
-        sampling: Length cap and nucleus / top-k settings.
+        sampling: Length cap, nucleus / top-k settings, and where the old log-probs come from
+            (``logprobs_from_generation``: the sampling logits, else one more forward pass of the actor).
         samples_per_prompt: ``k``; the rollout holds ``N = B * k`` samples, the ``k`` of a prompt consecutive.
         temperature: Sampling temperature (training, validation and evaluation differ).
         with_values: Also read the critics' values (training needs them, evaluation does not).
@@ -184,7 +214,7 @@ def collect_rollout(
     tok = models.tokenizer
     input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
     attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
-    sequences, full_mask, response_mask = sample_responses(
+    sequences, full_mask, response_mask, logprobs = sample_responses(
         models.actor,
         input_ids,
         attention_mask,
@@ -195,12 +225,14 @@ def collect_rollout(
         tok.eos_token_id,
         tok.pad_token_id,
         synced_gpus=synced_gpus,
+        with_logprobs=sampling.logprobs_from_generation,
     )
     prompt_length = input_ids.shape[1]
     prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
     meta = [m for m in (batch.meta or [{}] * len(batch.prompts)) for _ in range(samples_per_prompt)]
     responses = decode_responses(tok, sequences[:, prompt_length:], response_mask)
-    logprobs = response_logprobs(models.actor, sequences, full_mask, prompt_length)
+    if logprobs is None:  # one more no-grad forward pass of the actor (sampling.logprobs_from_generation: off)
+        logprobs = response_logprobs(models.actor, sequences, full_mask, prompt_length)
     ref_logprobs = response_logprobs(models.ref_model, sequences, full_mask, prompt_length)
     rewards = score_samples(models.reward_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
     rewards = aggregate_heads(rewards, "mean")
