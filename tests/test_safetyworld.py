@@ -147,6 +147,9 @@ def test_sample_response_behaviours(world: World) -> None:
             y = world.sample_response(topic, behaviour, rng)
             assert set(y.split()) <= allowed | (set(REFUSAL.split()) if behaviour == "refusal" else set())
             assert world.is_refusal(y) == (behaviour == "refusal")
+            if behaviour == "babble":  # any words, the prompt topic's own included
+                assert 1 <= len(y.split()) <= world.config.max_babble_words
+                continue
             has_detail = any(w in topic.detail for w in y.split())
             has_safe_alt = any(w in topic.safe_alt for w in y.split())
             assert has_detail == behaviour.startswith("detail")
@@ -204,8 +207,11 @@ def test_preference_probes_empty_and_off_topic(world: World, preference_rows: li
     empty = sum(y == "" for _, y in firsts) / len(firsts)
     off_topic = sum(_is_off_topic(world, x, y) for x, y in firsts) / len(firsts)
     assert empty == pytest.approx(0.05, abs=0.015)  # preference_empty_prob
-    # preference_off_topic_prob 0.1, plus mixture responses whose only content is their one stray word (rare)
-    assert 0.09 < off_topic < 0.13
+    # preference_off_topic_prob 0.1, plus babble answers (0.1) with foreign content and none of the topic's own
+    # (most of them), plus mixture responses whose only content is their one stray word (rare)
+    assert 0.15 < off_topic < 0.21
+    long_filler = sum(len(y.split()) > 6 and not _is_off_topic(world, x, y) for x, y in firsts) / len(firsts)
+    assert long_filler > 0.005  # babble: runs longer than any mixture's filler answer
     # the probes are graded like any answer: an empty or off-topic answer is safe, off-topic words cost helpfulness
     for x, y in firsts:
         if y == "":
@@ -214,9 +220,8 @@ def test_preference_probes_empty_and_off_topic(world: World, preference_rows: li
             assert world.helpfulness(x, y) < 0 and world.harm(x, y) <= 0
     # SFT demonstrations never contain probes, and without probes the preference rows are the mixture's alone
     assert not any(r["response"] == "" for r in world.sft_rows())
-    unprobed = World(
-        WorldConfig(preference_off_topic_prob=0.0, preference_empty_prob=0.0, preference_edit_prob=0.0)
-    ).preference_rows()
+    no_probes = {f"preference_{name}_prob": 0.0 for name in ("off_topic", "empty", "babble", "edit")}
+    unprobed = World(WorldConfig(**no_probes)).preference_rows()
     assert not any(r["response_0"] == "" or r["response_1"] == "" for r in unprobed)
     with pytest.raises(ValueError, match="preference_off_topic_prob"):
         WorldConfig(preference_off_topic_prob=0.7, preference_empty_prob=0.5)

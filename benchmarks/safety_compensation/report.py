@@ -25,6 +25,7 @@ TABLE_ROWS: list[tuple[str, str, str | None]] = [
     ("unsafe prompt rate: hazard_mild", "true_unsafe_prompt_rate/hazard_mild", "unsafe_prompt_rate/hazard_mild"),
     ("unsafe prompt rate: hazard_severe", "true_unsafe_prompt_rate/hazard_severe", "unsafe_prompt_rate/hazard_severe"),
     ("over-refusal (benign)", "over_refusal_rate", None),
+    ("missed: truly unsafe hazard_mild answers the cost model calls safe", "missed_unsafe_rate/hazard_mild", None),
     ("final multiplier", "final_lambda", None),
     ("KL to reference (nats)", "kl_mean", None),
 ]
@@ -37,6 +38,8 @@ ESTIMATOR_ROWS = [
     ("true unsafe prompt rate: hazard_severe", "true_unsafe_prompt_rate/hazard_severe"),
     ("true mean reward: benign", "true_reward_mean/benign"),
     ("true mean reward: hazard", "true_reward_mean/hazard"),
+    ("over-refusal (benign)", "over_refusal_rate"),
+    ("missed (hazard_mild)", "missed_unsafe_rate/hazard_mild"),
     ("KL to reference (nats)", "kl_mean"),
     ("final multiplier", "final_lambda"),
     ("fit wall time (s)", "fit_wall_s"),

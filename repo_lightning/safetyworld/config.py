@@ -57,6 +57,11 @@ class WorldConfig:
             one, and RL drifts to off-topic words (docs/safetyworld.md, "Preference probes").
         preference_empty_prob: The same for an empty response (the policy's immediate end-of-sequence), which the
             behaviour mixtures never produce, so an unprobed reward model scores it as well as safety guidance.
+        preference_babble_prob: The same for a babble answer (``generate.sample_response``): up to
+            ``max_babble_words`` words, half filler, half content words of random topics. An RL policy that has
+            learned that some words pay repeats them; unprobed reward models extrapolated long filler runs to
+            scores above an on-topic answer.
+        max_babble_words: Most words of a babble answer (the demo generates at most 12 tokens).
         preference_edit_prob: Probability that the second response of a preference pair is a one-word edit of
             the first (a word added, dropped, repeated or swapped for an off-topic one; ``generate.edit_response``)
             instead of an independent draw. Independent draws differ in many words at once, mostly in their
@@ -105,12 +110,14 @@ class WorldConfig:
     off_topic_prob: float = 0.25
     preference_off_topic_prob: float = 0.1
     preference_empty_prob: float = 0.05
+    preference_babble_prob: float = 0.1
+    max_babble_words: int = 12
     preference_edit_prob: float = 0.3
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2
     num_sft_rows: int = 3000
-    num_preference_rows: int = 4000
+    num_preference_rows: int = 8000
     num_rl_prompts: int = 512
     num_eval_prompts: int = 192
 
@@ -145,13 +152,15 @@ class WorldConfig:
                     self.off_topic_prob,
                     self.preference_off_topic_prob,
                     self.preference_empty_prob,
+                    self.preference_babble_prob,
                     self.preference_edit_prob,
                     self.label_noise,
                 )
             ),
-            "preference_off_topic_prob + preference_empty_prob <= 1": (
-                self.preference_off_topic_prob + self.preference_empty_prob <= 1
+            "preference_off_topic_prob + preference_empty_prob + preference_babble_prob <= 1": (
+                self.preference_off_topic_prob + self.preference_empty_prob + self.preference_babble_prob <= 1
             ),
+            "max_babble_words >= 1": self.max_babble_words >= 1,
             "preference_temperature > 0": self.preference_temperature > 0,
             "eval_templates_per_verb >= 1": self.eval_templates_per_verb >= 1,
             "row counts >= 1": min(

@@ -52,10 +52,19 @@ FILLER_WORDS: tuple[str, ...] = (
 )
 
 #: Behaviours that ``sample_response`` accepts.
-BEHAVIOURS: tuple[str, ...] = ("detail", "detail_safe_alt", "safe_alt", "refusal", "filler", "off_topic", "empty")
+BEHAVIOURS: tuple[str, ...] = (
+    "detail",
+    "detail_safe_alt",
+    "safe_alt",
+    "refusal",
+    "filler",
+    "off_topic",
+    "empty",
+    "babble",
+)
 
-#: Behaviours that only preference pairs use (``WorldConfig.preference_off_topic_prob`` / ``preference_empty_prob``).
-PROBE_BEHAVIOURS: tuple[str, ...] = ("off_topic", "empty")
+#: Behaviours that only preference pairs use (``WorldConfig.preference_*_prob``).
+PROBE_BEHAVIOURS: tuple[str, ...] = ("off_topic", "empty", "babble")
 
 TOPIC_KINDS: tuple[str, ...] = ("benign", "hazard_mild", "hazard_severe")
 
@@ -191,6 +200,10 @@ def prompt_pools(topics: Sequence[Topic], per_verb: int) -> tuple[PromptPool, Pr
     return train, held
 
 
+def _content(topic: Topic) -> tuple[str, ...]:
+    return topic.detail + topic.safe_alt
+
+
 def sample_response(
     topic: Topic,
     behaviour: str,
@@ -205,7 +218,9 @@ def sample_response(
         behaviour: One of :data:`BEHAVIOURS`: ``detail`` (detail words), ``detail_safe_alt`` (detail words
             then safe_alt words), ``safe_alt`` (safe_alt words only), ``refusal`` (exactly the refusal phrase),
             ``filler`` (filler words only), ``off_topic`` (1 to ``max_detail_words`` detail or safe_alt words of
-            one other topic, with filler) or ``empty`` (the empty string).
+            one other topic, with filler), ``empty`` (the empty string) or ``babble`` (1 to ``max_babble_words``
+            words, each a filler word with probability 1/2, else a content word of a uniformly drawn topic, the
+            prompt's own included: long filler runs, repetitions and word salad).
         rng: Source of randomness.
         config: Word counts, filler and off-topic probabilities.
         other_topics: Topics that an off-topic word may come from (used when ``config.off_topic_prob > 0``).
@@ -223,6 +238,12 @@ def sample_response(
         return REFUSAL
     if behaviour == "empty":
         return ""
+    if behaviour == "babble":
+        pool = [t for t in (*other_topics, topic) if t.index != topic.index] + [topic]
+        length = rng.randint(1, config.max_babble_words)
+        return " ".join(
+            rng.choice(filler) if rng.random() < 0.5 else rng.choice(_content(rng.choice(pool))) for _ in range(length)
+        )
     if behaviour == "filler":
         length = rng.randint(config.min_filler_response_words, config.max_filler_response_words)
         return " ".join(rng.choice(filler) for _ in range(length))
@@ -309,4 +330,6 @@ def sample_preference_behaviour(topic: Topic, rng: random.Random, config: WorldC
         return "off_topic"
     if draw < config.preference_off_topic_prob + config.preference_empty_prob:
         return "empty"
+    if draw < config.preference_off_topic_prob + config.preference_empty_prob + config.preference_babble_prob:
+        return "babble"
     return sample_behaviour(topic, rng, config)
