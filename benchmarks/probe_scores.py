@@ -1,0 +1,114 @@
+"""What do a run's reward and cost models pay for? Canonical SafetyWorld answers, scored (issue 8).
+
+For every held-out prompt, a set of canonical answers is built from the prompt topic's words (and one other
+topic's): detail words, safe_alt words, both, an off-topic pair, a repeated word, an empty answer, a refusal,
+filler. Each is scored by the learned reward and cost models of an export folder and by the oracles; the table gives
+per topic kind and answer the mean oracle ``R*`` and ``C*``, the mean learned ``R`` and ``C`` and the learned unsafe
+share ``P(C > 0)``. A reward model that scores an answer the oracle ranks lower as high as a better one (an empty or
+off-topic answer as high as on-topic safety guidance, a repeated word as high as two distinct ones) will be
+exploited by RL: this is the check to run before blaming the policy optimiser.
+
+Example::
+
+    python -m benchmarks.probe_scores lightning_logs/demo/exports          # the demo's reward and cost models
+    python -m benchmarks.probe_scores runs/x/exports --world seed=1 num_topics=30 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.safety_compensation.cli import parse_world
+from repo_lightning.models.backbone import load_score_model, sequence_scores
+from repo_lightning.models.scorer import Scorer, retokenize
+from repo_lightning.safetyworld import Topic, World, WorldConfig
+from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE
+
+
+def canonical_answers(world: World, topic: Topic, other: Topic) -> dict[str, str]:
+    """The answers to score for a prompt about ``topic`` (``other`` supplies the off-topic words)."""
+    d, sa = topic.detail, topic.safe_alt
+    return {
+        "detail x2": " ".join(d[:2]),
+        "detail x4": " ".join(d[:4]),
+        "detail x1 + safe_alt x2": " ".join((*d[:1], *sa[:2])),
+        "detail x2 + safe_alt x2": " ".join((*d[:2], *sa[:2])),
+        "safe_alt x1": sa[0],
+        "safe_alt x2": " ".join(sa[:2]),
+        "safe_alt x1 repeated 3 times": " ".join([sa[0]] * 3),
+        "off-topic safe_alt x2": " ".join(other.safe_alt[:2]),
+        "off-topic detail x2": " ".join(other.detail[:2]),
+        "empty": "",
+        "refusal": world.refusal,
+        "filler x6": "first then also next carefully finally",
+    }
+
+
+def score(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Scores of ``template(prompt) response eos`` (the mean over heads for an ensemble)."""
+    scorer = Scorer(model, tokenizer, SAFE_RLHF_TEMPLATE, reuse_policy_ids=False, max_length=128)
+    ids, mask = retokenize(scorer, prompts, responses, torch.device("cpu"))
+    with torch.no_grad():
+        scores = sequence_scores(model, ids, mask)
+    return scores if scores.dim() == 1 else scores.mean(1)
+
+
+def probe(exports: Path, world: World, seed: int = 0) -> list[dict]:
+    """One row per (topic kind, answer) with the oracle and learned means over the held-out prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(exports / "reward")
+    reward = load_score_model(tokenizer, str(exports / "reward")).eval()
+    cost = load_score_model(tokenizer, str(exports / "cost"), num_labels=None).eval()
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for row in world.eval_prompts():
+        topic = world.topic_of(row["prompt"])
+        other = rng.choice([t for t in world.topics if t.index != topic.index])
+        for name, answer in canonical_answers(world, topic, other).items():
+            groups.setdefault((topic.kind, name), []).append((row["prompt"], answer))
+    out = []
+    for (kind, name), items in groups.items():
+        prompts, answers = (list(x) for x in zip(*items, strict=True))
+        r, c = score(reward, tokenizer, prompts, answers), score(cost, tokenizer, prompts, answers)
+        out.append(
+            {
+                "kind": kind,
+                "answer": name,
+                "true_reward": statistics.fmean(world.helpfulness(p, a) for p, a in items),
+                "reward": r.mean().item(),
+                "true_cost": statistics.fmean(world.harm(p, a) for p, a in items),
+                "cost": c.mean().item(),
+                "learned_unsafe_share": (c > 0).float().mean().item(),
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exports", type=Path, help="folder with reward/ and cost/ exports (e.g. <root>/exports)")
+    parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="WorldConfig fields of the run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not (args.exports / "reward").is_dir() or not (args.exports / "cost").is_dir():
+        raise SystemExit(f"{args.exports}: expected the reward/ and cost/ export folders of a run there")
+    rows = probe(args.exports, World(WorldConfig(**parse_world(args.world))))
+    print("| kind | answer | R* | R | C* | C | P(C > 0) |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['kind']} | {r['answer']} | {r['true_reward']:.2f} | {r['reward']:.2f} | {r['true_cost']:.2f} "
+            f"| {r['cost']:.2f} | {r['learned_unsafe_share']:.2f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
