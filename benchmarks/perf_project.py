@@ -73,7 +73,7 @@ def parse_args(argv=None):
     r.add_argument(
         "--estimator",
         default="gae",
-        choices=["gae", "rloo", "grpo"],
+        choices=["gae", "rloo", "grpo", "reinforce_pp"],
         help="advantage estimator; rloo / grpo load no critics (need --samples-per-prompt >= 2)",
     )
     r.add_argument(

@@ -217,3 +217,19 @@ def test_group_advantages_rloo_and_grpo_by_hand():
         group_advantages(scores, 1, "rloo")
     with pytest.raises(ValueError, match="baseline"):
         group_advantages(scores, 3, "ppo")  # type: ignore[arg-type]
+
+
+def test_reinforce_pp_by_hand():
+    from repo_lightning.rl.advantages import reinforce_pp_advantages
+
+    # row 0: 3 tokens, r = [-0.1, -0.2, 2.0]; row 1: 1 token, r = [1.0] (then padding)
+    rewards = torch.tensor([[-0.1, -0.2, 2.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # gamma 1: returns-to-go [1.7, 1.8, 2.0] and [1.0]; batch mean over the 4 tokens = 6.5 / 4 = 1.625
+    expected = torch.tensor([[1.7 - 1.625, 1.8 - 1.625, 2.0 - 1.625], [1.0 - 1.625, 0.0, 0.0]])
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask, 1.0), expected)
+    # gamma 0.5: returns [-0.1 - 0.1 + 0.5, -0.2 + 1.0, 2.0] = [0.3, 0.8, 2.0] and [1.0]; mean 4.1 / 4 = 1.025
+    expected = torch.tensor([[0.3 - 1.025, 0.8 - 1.025, 2.0 - 1.025], [1.0 - 1.025, 0.0, 0.0]])
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask, 0.5), expected)
+    # no gradient flows into the rewards
+    assert not reinforce_pp_advantages(rewards.requires_grad_(), mask).requires_grad

@@ -317,7 +317,7 @@ def test_repo_unsafe_rate_constraint_moves_the_multiplier_both_ways(
     assert (float(module.dual.value[0]) < 1.0) == (cost_score < 0)
 
 
-@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
 def test_critic_free_estimators_train_the_actor_alone(tmp_path, tiny_exports, tiny_world_config, estimator):
     model = {"estimation": {"estimator": estimator, "kl_placement": "loss"}}
     cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model, trainer={"max_steps": 2}))

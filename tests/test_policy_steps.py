@@ -115,6 +115,27 @@ def test_group_estimator_kl_in_reward_is_summed_over_the_response():
     assert torch.equal(adv, torch.zeros(2, 2))
 
 
+def test_reinforce_pp_token_returns_minus_batch_mean_on_both_streams():
+    # 2 samples x 2 tokens, no KL: reward returns-to-go [[1, 1], [3, 3]] (score on the last token, gamma 1);
+    # batch mean over the 4 tokens 2 -> A_R = [[-1, -1], [1, 1]]. No critic values are read.
+    rollout = _rollout([1.0, 3.0], [-1.0, 2.0], [True, True])
+    rollout.reward_values = rollout.cost_values = None
+    adv = _advantages(rollout, PPO(), estimator="reinforce_pp")
+    torch.testing.assert_close(adv.advantages, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+    assert adv.reward_returns is None and adv.cost_returns is None
+    # RePO, mix all, lam 2, no normalisation: cost signal {C}^+ = [0, 2] -> returns [[0, 0], [2, 2]], mean 1 ->
+    # A_C = [[-1, -1], [1, 1]]; A = A_R - 2 A_C = [[1, 1], [-1, -1]]: the safe, less rewarded answer wins.
+    goal = RePO(normalize_advantage_mix=False, mix="all")
+    adv = _advantages(rollout, goal, lam=2.0, estimator="reinforce_pp")
+    torch.testing.assert_close(adv.advantages, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    # KL in the reward, per token: kl [[0.5, 1.5], [0, 0]], beta 0.1 -> sample 0's rewards [-0.05, 1 - 0.15],
+    # returns [0.8, 0.85]; sample 1 [3, 3]; mean 7.65 / 4 = 1.9125
+    rollout = _rollout([1.0, 3.0], [-1.0, 2.0], [True, True], logprobs=[[0.5, 1.5], [0.0, 0.0]])
+    adv = _advantages(rollout, PPO(), estimator="reinforce_pp", kl_coef=0.1).advantages
+    expected = torch.tensor([[0.8, 0.85], [3.0, 3.0]]) - 1.9125
+    torch.testing.assert_close(adv, expected)
+
+
 def test_settings_groups_name_the_key_of_a_bad_value():
     from repo_lightning.modules.policy_config import PPOUpdate, Sampling, as_group
 

@@ -21,9 +21,9 @@ Ablations (RePO with the searched settings, one knob changed; not searched thems
 ``constraint: rectified_cost`` (capped at the configs' ``maximum``). They run on the search seed only unless
 ``--ablation-seeds`` says otherwise.
 
-Advantage estimators (``--estimators gae rloo grpo``; default ``gae``, the configs' own): ``ppo_lag`` and ``repo``
-are trained again with each other estimator, with their searched settings and the same budget, and compared on
-unsafe prompt rates, helpfulness, KL, and the wall time and peak RSS of the policy ``fit`` process.
+Advantage estimators (``--estimators gae rloo grpo reinforce_pp``; default ``gae``, the configs' own): ``ppo_lag``
+and ``repo`` are trained again with each other estimator, with their searched settings and the same budget, and
+compared on unsafe prompt rates, helpfulness, KL, and the wall time and peak RSS of the policy ``fit`` process.
 
 World: ``--world KEY=VALUE ...`` sets ``WorldConfig`` fields for every stage (a second world); the world used is
 recorded in ``results.json`` and ``results.md``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 CONSTRAINED = ("ppo_lag", "repo")
-ESTIMATORS = ("gae", "rloo", "grpo")
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
 
 #: Knob name -> CLI path under ``--model.init_args.``, in the order the overrides are passed: a rule's class comes
 #: before its ``init_args``, so switching the rule and setting its gains is one valid command line.

@@ -119,7 +119,9 @@ class PolicyModule(L.LightningModule):
         if self.objective.uses_cost and cost_model_path is None:
             raise ValueError(f"model.cost_model_path is required for objective {self.objective.name!r}")
         k = self.sampling.samples_per_prompt
-        if k < 2 and (self.estimation.estimator != "gae" or getattr(self.objective, "rectify", None) == "prompt"):
+        if k < 2 and (
+            self.estimation.estimator in ("rloo", "grpo") or getattr(self.objective, "rectify", None) == "prompt"
+        ):
             raise ValueError(
                 "model.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt "
                 f"(they compare the k samples of a prompt), got {k}"

@@ -21,7 +21,7 @@ from repo_lightning.models.backbone import DType
 from repo_lightning.models.lora import LoRA, as_lora
 from repo_lightning.models.sharding import Sharding, as_sharding
 
-Estimator = Literal["gae", "rloo", "grpo"]
+Estimator = Literal["gae", "rloo", "grpo", "reinforce_pp"]
 
 
 def _at_least(group: str, name: str, value: float, low: float) -> None:
@@ -76,14 +76,16 @@ class Estimation:
 
     Attributes:
         estimator: ``gae`` (reward and cost critics), or critic-free group baselines over the ``k`` samples of a
-            prompt: ``rloo`` (leave-one-out mean) or ``grpo`` (group mean and std); these load no critic.
+            prompt: ``rloo`` (leave-one-out mean) or ``grpo`` (group mean and std), or ``reinforce_pp``
+            (REINFORCE++: token returns minus their batch mean); these three load no critic.
         kl_coef: ``beta``, the KL penalty's weight.
-        kl_placement: ``reward``: ``-beta * kl`` is part of the reward (per token with ``gae``, summed over the
-            response with the group estimators); ``loss``: a ``beta``-weighted k3 KL loss term on the actor.
+        kl_placement: ``reward``: ``-beta * kl`` is part of the reward (per token with ``gae`` and
+            ``reinforce_pp``, summed over the response with the group estimators); ``loss``: a ``beta``-weighted k3
+            KL loss term on the actor.
         score_clip: Clip reward and cost scores to ``+-score_clip``; ``None`` disables.
         missing_eos_penalty: Added to the reward of a response cut at ``max_new_tokens`` (a guard against padding
             answers to exploit the reward model); ``None`` disables.
-        gamma: GAE discount.
+        gamma: Discount of ``gae`` and ``reinforce_pp``.
         gae_lambda: GAE lambda.
         whiten_advantages: Whiten the combined advantages over the batch.
     """
@@ -98,8 +100,10 @@ class Estimation:
     whiten_advantages: bool = False
 
     def __post_init__(self) -> None:
-        if self.estimator not in ("gae", "rloo", "grpo"):
-            raise ConfigError(f"model.init_args.estimation.estimator must be gae, rloo or grpo, got {self.estimator!r}")
+        if self.estimator not in ("gae", "rloo", "grpo", "reinforce_pp"):
+            raise ConfigError(
+                f"model.init_args.estimation.estimator must be gae, rloo, grpo or reinforce_pp, got {self.estimator!r}"
+            )
         if self.kl_placement not in ("reward", "loss"):
             raise ConfigError(
                 f"model.init_args.estimation.kl_placement must be reward or loss, got {self.kl_placement!r}"

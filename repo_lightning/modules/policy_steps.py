@@ -23,6 +23,7 @@ from repo_lightning.rl.advantages import (
     broadcast_to_tokens,
     gae,
     group_advantages,
+    reinforce_pp_advantages,
     shape_rewards,
     whiten,
 )
@@ -59,7 +60,8 @@ def compute_advantages(
 
     ``estimator: gae`` uses the critics' values (algorithm.md 5.2-5.3); ``rloo`` and ``grpo`` use the other
     samples of the prompt as baseline on sequence-level scores (``score - beta * sum_t kl_t`` when the KL is
-    placed in the reward), and need no critic.
+    placed in the reward); ``reinforce_pp`` uses token returns minus their batch mean. The last three need no
+    critic.
 
     Args:
         rollout: The samples, with ``costs`` when the objective uses a cost.
@@ -90,6 +92,11 @@ def compute_advantages(
         if signal is not None:
             shaped = shape_rewards(signal, kl, mask, -beta_c, clip)
             cost_adv, cost_returns = gae(shaped, rollout.cost_values * mask, mask, gamma, lam)
+    elif estimation.estimator == "reinforce_pp":
+        reward_adv = reinforce_pp_advantages(shape_rewards(scores, kl, mask, beta, clip), mask, estimation.gamma)
+        if signal is not None:
+            shaped = shape_rewards(signal, kl, mask, -beta_c, clip)
+            cost_adv = reinforce_pp_advantages(shaped, mask, estimation.gamma)
     else:
         k, estimator = samples_per_prompt, estimation.estimator
         total_kl = kl.sum(1)

@@ -130,6 +130,34 @@ def group_advantages(scores: Tensor, samples_per_prompt: int, baseline: GroupBas
     return advantages.reshape(-1)
 
 
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ (Hu, arXiv 2501.03262, section 3): token returns minus their mean over the batch, no critic.
+
+    ``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the response's shaped rewards (KL on every token, score on the
+    last: :func:`shape_rewards`), and ``A_t = G_t - mean(G)``, the mean taken over every response token of the
+    batch (the paper's global-batch baseline). The paper also divides by the batch std; here that is left to
+    ``whiten_advantages`` after the objective's mix, because scaling the reward and cost streams by their own
+    stds would change the ratio that the multiplier weighs (algorithm.md section 11).
+
+    Args:
+        rewards: ``[B, T]`` shaped rewards (or costs), zero off the mask.
+        mask: ``[B, T]`` response tokens (right-padded).
+        gamma: Discount.
+
+    Returns:
+        ``[B, T]`` advantages, zero off the mask, without gradient.
+    """
+    rewards = rewards.detach()
+    maskf = mask.to(rewards.dtype)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * maskf[:, t]
+        returns[:, t] = running
+    mean = returns.sum() / maskf.sum().clamp(min=1.0)
+    return (returns - mean) * maskf
+
+
 def broadcast_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
     """``[B]`` sequence-level advantages -> ``[B, T]``, the same value on every response token, 0 off the mask."""
     return advantages.unsqueeze(1) * mask.to(advantages.dtype)
