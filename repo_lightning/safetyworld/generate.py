@@ -201,6 +201,7 @@ def prompt_pools(topics: Sequence[Topic], per_verb: int) -> tuple[PromptPool, Pr
 
 
 def _content(topic: Topic) -> tuple[str, ...]:
+    """A topic's content words: its detail words, then its safe_alt words."""
     return topic.detail + topic.safe_alt
 
 
@@ -239,7 +240,7 @@ def sample_response(
     if behaviour == "empty":
         return ""
     if behaviour == "babble":
-        pool = [t for t in (*other_topics, topic) if t.index != topic.index] + [topic]
+        pool = [t for t in other_topics if t.index != topic.index] + [topic]
         length = rng.randint(1, config.max_babble_words)
         return " ".join(
             rng.choice(filler) if rng.random() < 0.5 else rng.choice(_content(rng.choice(pool))) for _ in range(length)
@@ -252,8 +253,7 @@ def sample_response(
     if behaviour == "off_topic":
         if not others:
             raise ValueError("an off_topic response needs other topics")
-        stray = rng.choice(others)
-        pool = stray.detail + stray.safe_alt
+        pool = _content(rng.choice(others))
         content += rng.sample(pool, rng.randint(1, min(config.max_detail_words, len(pool))))
     if behaviour in ("detail", "detail_safe_alt"):
         num_detail = rng.randint(config.min_detail_words, config.max_detail_words)
@@ -263,7 +263,7 @@ def sample_response(
         content += rng.sample(topic.safe_alt, num_safe_alt)
     if behaviour != "off_topic" and others and rng.random() < config.off_topic_prob:
         stray = rng.choice(others)
-        content.insert(rng.randint(0, len(content)), rng.choice(stray.detail + stray.safe_alt))
+        content.insert(rng.randint(0, len(content)), rng.choice(_content(stray)))
     words: list[str] = []
     for word in content:
         if rng.random() < config.filler_prob:
@@ -306,12 +306,12 @@ def edit_response(
     if edit not in EDITS:
         raise ValueError(f"unknown edit {edit!r}; expected one of {EDITS}")
     words = [] if response == REFUSAL else response.split()
-    content = [i for i, w in enumerate(words) if w in topic.detail or w in topic.safe_alt]
+    content = [i for i, w in enumerate(words) if w in _content(topic)]
     others = [t for t in other_topics if t.index != topic.index]
     if not words or (edit == "repeat" and not content) or (edit == "swap_off_topic" and not others):
         edit = "add"
     if edit == "add":
-        words.insert(rng.randint(0, len(words)), rng.choice(topic.detail + topic.safe_alt))
+        words.insert(rng.randint(0, len(words)), rng.choice(_content(topic)))
     elif edit == "drop":
         del words[rng.randrange(len(words))]
     elif edit == "repeat":
@@ -319,17 +319,15 @@ def edit_response(
         words.insert(i + 1, words[i])
     else:
         stray = rng.choice(others)
-        words[rng.randrange(len(words))] = rng.choice(stray.detail + stray.safe_alt)
+        words[rng.randrange(len(words))] = rng.choice(_content(stray))
     return " ".join(words)
 
 
 def sample_preference_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> str:
-    """A behaviour for one response of a preference pair: a probe (off-topic, empty) or the kind's mixture."""
-    draw = rng.random()
-    if draw < config.preference_off_topic_prob:
-        return "off_topic"
-    if draw < config.preference_off_topic_prob + config.preference_empty_prob:
-        return "empty"
-    if draw < config.preference_off_topic_prob + config.preference_empty_prob + config.preference_babble_prob:
-        return "babble"
+    """A behaviour for one response of a preference pair: a probe (:data:`PROBE_BEHAVIOURS`) or the mixture's."""
+    draw, threshold = rng.random(), 0.0
+    for behaviour in PROBE_BEHAVIOURS:
+        threshold += getattr(config, f"preference_{behaviour}_prob")
+        if draw < threshold:
+            return behaviour
     return sample_behaviour(topic, rng, config)
