@@ -147,13 +147,9 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -
     Returns:
         ``[B, T]`` advantages, zero off the mask, without gradient.
     """
-    rewards = rewards.detach()
-    maskf = mask.to(rewards.dtype)
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * maskf[:, t]
-        returns[:, t] = running
+    # discounted returns-to-go: GAE with zero values and lambda 1 (no critic)
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    maskf = mask.to(returns.dtype)
     mean = returns.sum() / maskf.sum().clamp(min=1.0)
     return (returns - mean) * maskf
 
