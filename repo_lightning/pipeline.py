@@ -12,6 +12,13 @@ Example::
 
     python -m repo_lightning.pipeline --root lightning_logs/demo
     python -m repo_lightning.pipeline --root runs/seed1 --seed 1 --algorithms ppo_lag repo
+    python -m repo_lightning.pipeline --root runs/one_round --preference-rounds 1
+
+Preference rounds (``--preference-rounds``, default 2): after the first reward and cost models, each requested
+policy is trained once as a *collector*, sampled on the training prompts, and its answers are paired and labelled by
+SafetyWorld's simulated annotator (:mod:`repo_lightning.safetyworld.annotate`); the reward and cost models are then
+trained again from the SFT export on the original pairs plus the new ones, and the policies of the final round are
+trained from the SFT export with those models (docs/safetyworld.md, "Preference rounds on the policy's samples").
 """
 
 from __future__ import annotations
@@ -27,6 +34,15 @@ from pathlib import Path
 from repo_lightning.console import VERBOSE_ENV, StageFailed, run_stage, silence_known_noise
 from repo_lightning.evaluation import format_table
 from repo_lightning.models.model_card import CARD_FILE, update_model_card
+from repo_lightning.safetyworld import World
+from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows
+from repo_lightning.safetyworld.config import world_from_overrides
+
+#: Answers sampled per training prompt from a collector policy for the next preference round.
+COLLECT_SAMPLES_PER_PROMPT = 8
+
+#: Prefixes of the ``extra["world"]`` arguments that set ``WorldConfig`` fields (``--data.world.seed=7``).
+_WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
 
 #: How a stage is run: ``python -m repo_lightning <subcommand> ...`` in this interpreter.
 STAGE_COMMAND = [sys.executable, "-m", "repo_lightning"]
@@ -82,7 +98,8 @@ class Pipeline:
         root: Run folder (logs, exports, evaluations, summary).
         config_dir: Folder holding ``sft.yaml``, ``reward.yaml``, ``cost.yaml`` and one YAML per algorithm.
         seed: Seed of every stage (``seed_everything`` and the policy's sampling seed).
-        extra: Extra CLI arguments per stage name (``sft``, ``reward``, ``cost``, ``policy``, ``world``).
+        extra: Extra CLI arguments per stage name (``sft``, ``reward``, ``cost``, ``policy``, ``world``); the
+            ``world`` ones are ``--data.world.KEY=VALUE`` (the preference rounds read the world from them).
         quiet: Send each stage's output to ``<root>/logs/<stage>.log`` and show one line per stage instead.
         planned_stages: Number of stages this run will make, shown as ``[i/n]`` on each stage line (0: unknown).
     """
@@ -123,24 +140,110 @@ class Pipeline:
         label = f"[{number}/{self.planned_stages}] {name}" if self.planned_stages else f"[{number}] {name}"
         self.timings[name] = run_cli(args, log_file, label)
 
+    def world(self) -> World:
+        """The SafetyWorld of this run, from the ``--data.world.KEY=VALUE`` arguments of ``extra["world"]``."""
+        items = []
+        for arg in self.extra.get("world", []):
+            prefix = next((p for p in _WORLD_ARG_PREFIXES if arg.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"extra['world']: expected --data.world.KEY=VALUE, got {arg!r}")
+            items.append(arg[len(prefix) :])
+        return World(world_from_overrides(items))
+
     def train_models(self, test: bool = True) -> None:
         """SFT, reward and cost stages; with ``test``, the reward and cost models are tested on held-out pairs."""
-        for stage, init in (("sft", None), ("reward", "sft"), ("cost", "sft")):
+        self.train_sft()
+        self.train_score_models(test)
+
+    def train_sft(self) -> None:
+        """The SFT stage (export ``sft``)."""
+        config = str(self.config_dir / "sft.yaml")
+        args = ["--config", config, *self._common("sft", "sft"), f"--model.init_args.export_dir={self.export('sft')}"]
+        self._run("fit_sft", ["fit", *args])
+
+    def train_score_models(self, test: bool = True, tag: str = "", extra_train_files: list[Path] = ()) -> None:
+        """Reward and cost stages from the SFT export (exports ``<tag>reward`` and ``<tag>cost``).
+
+        Args:
+            test: Test each model on the held-out pairs afterwards (figures go to its model card).
+            tag: Prefix of the run, export and stage names (``round1_`` for a collection round).
+            extra_train_files: Preference files added to the training pairs (``data.extra_train_files``).
+        """
+        files = [str(f) for f in extra_train_files]
+        for stage in ("reward", "cost"):
             config = str(self.config_dir / f"{stage}.yaml")
+            name = f"{tag}{stage}"
             args = [
                 "--config",
                 config,
-                *self._common(stage, stage),
-                f"--model.init_args.export_dir={self.export(stage)}",
+                *self._common(stage, name),
+                f"--model.init_args.export_dir={self.export(name)}",
+                f"--model.init_args.model_name_or_path={self.export('sft')}",
             ]
-            if init is not None:
-                args.append(f"--model.init_args.model_name_or_path={self.export(init)}")
-            self._run(f"fit_{stage}", ["fit", *args])
-            if test and stage != "sft":
-                args = ["--config", config, *self._common(stage, f"{stage}_test")]
-                args.append(f"--model.init_args.model_name_or_path={self.export(stage)}")
-                self._run(f"test_{stage}", ["test", *args])
-                self._card_evaluation(stage, self.score_model_tests().get(stage, {}))
+            if files:
+                args.append(f"--data.init_args.extra_train_files={json.dumps(files)}")
+            self._run(f"fit_{name}", ["fit", *args])
+            if test:
+                args = ["--config", config, *self._common(stage, f"{name}_test")]
+                args.append(f"--model.init_args.model_name_or_path={self.export(name)}")
+                self._run(f"test_{name}", ["test", *args])
+                self._card_evaluation(name, self.score_model_tests(tag).get(stage, {}))
+
+    def collect_preferences(self, round_index: int, algorithms: list[str]) -> Path:
+        """One preference round on the policies' own samples; returns the labelled pairs (``.jsonl``).
+
+        Each algorithm is trained from the SFT export with the models of this round (exports
+        ``round<i>_reward``/``round<i>_cost``), sampled :data:`COLLECT_SAMPLES_PER_PROMPT` times on every training
+        prompt (never the held-out ones), and the answers are paired and labelled by the world's simulated annotator
+        (:func:`repo_lightning.safetyworld.annotate.annotate_samples`).
+        """
+        tag = f"round{round_index}_"
+        world = self.world()
+        folder = self.root / "rounds" / f"round{round_index}"
+        prompts = self.root / "rounds" / "train_prompts.jsonl"
+        write_rows(world.rl_prompts(), prompts)
+        rows = []
+        for index, algorithm in enumerate(algorithms):
+            name = f"{tag}{algorithm}"
+            self.fit_policy(algorithm, name, models=tag)
+            checkpoint = latest_checkpoint(self.root / "logs" / f"policy_{name}")
+            out = folder / algorithm
+            args = self._policy_args(algorithm, f"policy_{name}", models=tag)
+            self._run(
+                f"sample_{name}",
+                [
+                    "test",
+                    *args,
+                    f"--ckpt_path={checkpoint}",
+                    f"--model.init_args.evaluation.report_dir={out}",
+                    f"--model.init_args.evaluation.samples_per_prompt={COLLECT_SAMPLES_PER_PROMPT}",
+                    f"--data.init_args.test_dataset={prompts}",
+                ],
+            )
+            seed = 1000 * self.seed + 10 * round_index + index
+            rows += annotate_samples(world, read_samples(out / "per_prompt.jsonl"), seed=seed)
+        pairs = folder / "pairs.jsonl"
+        write_rows(rows, pairs)
+        return pairs
+
+    def train_rounds(self, algorithms: list[str], rounds: int, test: bool = True) -> list[Path]:
+        """SFT, then ``rounds`` rounds of reward and cost training (the last one's: exports ``reward``, ``cost``).
+
+        Each round after the first trains on the generated pairs plus those collected from every earlier round's
+        policies (:meth:`collect_preferences`).
+
+        Returns:
+            The collected preference files (none for ``rounds == 1``).
+        """
+        if rounds < 1:
+            raise ValueError(f"preference rounds must be >= 1, got {rounds}")
+        self.train_sft()
+        files: list[Path] = []
+        for round_index in range(1, rounds):
+            self.train_score_models(test=False, tag=f"round{round_index}_", extra_train_files=files)
+            files.append(self.collect_preferences(round_index, algorithms))
+        self.train_score_models(test=test, extra_train_files=files)
+        return files
 
     def _card_evaluation(self, name: str, figures: dict[str, float]) -> None:
         """Add held-out figures to the model card of export ``name`` (if it has a card and there are figures)."""
@@ -151,14 +254,16 @@ class Pipeline:
         metrics = json.loads((report_dir / "metrics.json").read_text())
         return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
-    def _policy_args(self, algorithm: str, run_name: str, extra: list[str] | None = None) -> list[str]:
+    def _policy_args(
+        self, algorithm: str, run_name: str, extra: list[str] | None = None, models: str = ""
+    ) -> list[str]:
         return [
             "--config",
             str(self.config_dir / f"{algorithm}.yaml"),
             *self._common("policy", run_name),
             f"--model.init_args.actor_path={self.export('sft')}",
-            f"--model.init_args.reward_model_path={self.export('reward')}",
-            f"--model.init_args.cost_model_path={self.export('cost')}",
+            f"--model.init_args.reward_model_path={self.export(models + 'reward')}",
+            f"--model.init_args.cost_model_path={self.export(models + 'cost')}",
             f"--model.init_args.seed={self.seed}",
             *(extra or []),
         ]
@@ -171,7 +276,9 @@ class Pipeline:
         self._card_evaluation("sft", self._evaluation_figures(out))
         return out
 
-    def fit_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
+    def fit_policy(
+        self, algorithm: str, name: str | None = None, extra: list[str] | None = None, models: str = ""
+    ) -> Path:
         """Train one policy from the SFT export; returns its run folder ``<root>/logs/policy_<name>``.
 
         Args:
@@ -179,37 +286,46 @@ class Pipeline:
             name: Name of the run, its export and its evaluation (default: ``algorithm``), so that several
                 variants of one algorithm can live side by side under one root.
             extra: CLI arguments for this run only, after the stage's ``extra["policy"]``.
+            models: Tag of the reward and cost exports to train with (``round1_``: a collection round's).
         """
         name = name or algorithm
         run_name = f"policy_{name}"
-        args = self._policy_args(algorithm, run_name, extra)
+        args = self._policy_args(algorithm, run_name, extra, models)
         self._run(f"fit_{name}", ["fit", *args, f"--model.init_args.export_dir={self.export(name)}"])
         return self.root / "logs" / run_name
 
-    def evaluate_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
+    def evaluate_policy(
+        self, algorithm: str, name: str | None = None, extra: list[str] | None = None, models: str = ""
+    ) -> Path:
         """Evaluate the last checkpoint of :meth:`fit_policy` (same arguments) on the held-out prompts."""
         name = name or algorithm
         run_name = f"policy_{name}"
         checkpoint = latest_checkpoint(self.root / "logs" / run_name)
         out = self.root / "eval" / name
-        args = self._policy_args(algorithm, run_name, extra)
+        args = self._policy_args(algorithm, run_name, extra, models)
         report = f"--model.init_args.evaluation.report_dir={out}"
         self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", report])
         self._card_evaluation(name, self._evaluation_figures(out))
         return out
 
-    def train_policy(self, algorithm: str, name: str | None = None, extra: list[str] | None = None) -> Path:
+    def train_policy(
+        self, algorithm: str, name: str | None = None, extra: list[str] | None = None, models: str = ""
+    ) -> Path:
         """Train one policy and evaluate its last checkpoint on the held-out prompts (see :meth:`fit_policy`)."""
-        self.fit_policy(algorithm, name, extra)
-        return self.evaluate_policy(algorithm, name, extra)
+        self.fit_policy(algorithm, name, extra, models)
+        return self.evaluate_policy(algorithm, name, extra, models)
 
-    def score_model_tests(self) -> dict[str, dict[str, float]]:
-        """The held-out ``test/...`` figures of the reward and cost models, read back from their TensorBoard runs."""
+    def score_model_tests(self, tag: str = "") -> dict[str, dict[str, float]]:
+        """The held-out ``test/...`` figures of the reward and cost models, read back from their TensorBoard runs.
+
+        Args:
+            tag: Prefix of the runs (``round1_``: a collection round's models).
+        """
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         found: dict[str, dict[str, float]] = {}
         for stage in ("reward", "cost"):
-            for events in sorted((self.root / "logs" / f"{stage}_test").rglob("events.out.tfevents.*")):
+            for events in sorted((self.root / "logs" / f"{tag}{stage}_test").rglob("events.out.tfevents.*")):
                 accumulator = EventAccumulator(str(events))
                 accumulator.Reload()
                 for tag in accumulator.Tags()["scalars"]:
@@ -266,7 +382,17 @@ def main(argv: list[str] | None = None) -> None:
         help="show every stage's full output (and the messages of other libraries filtered by default) instead of "
         "one line per stage with the output in <root>/logs/<stage>.log",
     )
+    parser.add_argument(
+        "--preference-rounds",
+        type=int,
+        default=2,
+        help="rounds of reward/cost training; each after the first adds pairs of the previous round's policies' "
+        "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s; 1: one "
+        "round on the generated preference data only)",
+    )
     args = parser.parse_args(argv)
+    if args.preference_rounds < 1:
+        parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
     missing = [a for a in args.algorithms if not (Path(args.config_dir) / f"{a}.yaml").is_file()]
     if missing:
         parser.error(f"--algorithms: no config {', '.join(f'{args.config_dir}/{a}.yaml' for a in missing)}")
@@ -274,11 +400,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[VERBOSE_ENV] = "1"  # read by the stages' own entry point
     silence_known_noise()
     start = time.perf_counter()
-    planned = 6 + 2 * len(args.algorithms)
+    per_round = 2 + 2 * len(args.algorithms)  # reward, cost, then fit and sample each collector
+    planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round
     pipeline = Pipeline(args.root, args.config_dir, args.seed, quiet=not args.verbose, planned_stages=planned)
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:
-        pipeline.train_models()
+        pipeline.train_rounds(args.algorithms, args.preference_rounds)
         evaluations = {"sft": pipeline.evaluate_start()}
         for algorithm in args.algorithms:
             evaluations[algorithm] = pipeline.train_policy(algorithm)

@@ -35,6 +35,14 @@ if "--model.init_args.evaluation.report_dir" in args:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"true_unsafe_response_rate": 0.5, "reward_mean": 1.0, "kl_mean": 0.0}
     (out / "metrics.json").write_text(json.dumps(metrics))
+    if "--data.init_args.test_dataset" in args:  # a collection round samples the training prompts
+        prompts = [json.loads(line)["prompt"] for line in open(args["--data.init_args.test_dataset"])]
+        with open(out / "per_prompt.jsonl", "w") as handle:
+            for prompt in prompts[:20]:
+                handle.write(json.dumps({"prompt": prompt, "responses": ["", "sorry i cannot help with that"]}) + chr(10))
+if "--data.init_args.extra_train_files" in args:
+    files = json.loads(args["--data.init_args.extra_train_files"])
+    print("EXTRA_TRAIN_FILES", files, [sum(1 for _ in open(f)) for f in files])
 """
 
 
@@ -48,7 +56,7 @@ def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--preference-rounds", "1"])
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert len(lines) <= 60
@@ -72,6 +80,45 @@ def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys
     assert log.count("noise") == 300 and log.startswith("$ ")
     assert "## Wall time" in (fake_stages / "summary.md").read_text()
     assert not list((fake_stages / "logs").glob("*.progress"))
+    assert not (fake_stages / "rounds").exists()
+
+
+def test_default_pipeline_trains_the_final_models_on_pairs_of_the_collectors_answers(fake_stages, capsys):
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+    stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split()[1] for line in stage_lines] == [
+        "fit_sft",
+        "fit_round1_reward",
+        "fit_round1_cost",
+        "fit_round1_ppo_lag",
+        "sample_round1_ppo_lag",
+        "fit_round1_repo",
+        "sample_round1_repo",
+        "fit_reward",
+        "test_reward",
+        "fit_cost",
+        "test_cost",
+        "eval_sft",
+        "fit_ppo_lag",
+        "eval_ppo_lag",
+        "fit_repo",
+        "eval_repo",
+    ]
+    assert all(line.startswith(f"[{i}/16]") for i, line in enumerate(stage_lines, 1))
+    logs = fake_stages / "logs"
+    # the collectors train on the first round's models, sample the training prompts (never the held-out ones)
+    collector = (logs / "fit_round1_repo.log").read_text()
+    assert "exports/round1_reward" in collector and "exports/round1_cost" in collector
+    sample = (logs / "sample_round1_repo.log").read_text()
+    assert f"test_dataset={fake_stages / 'rounds' / 'train_prompts.jsonl'}" in sample
+    assert "evaluation.samples_per_prompt=8" in sample
+    # 20 prompts x (2 distinct answers -> 1 pair) from each of the two collectors
+    pairs = fake_stages / "rounds" / "round1" / "pairs.jsonl"
+    for stage in ("reward", "cost"):
+        assert f"EXTRA_TRAIN_FILES ['{pairs}'] [40]" in (logs / f"fit_{stage}.log").read_text()
+    assert "EXTRA_TRAIN_FILES" not in (logs / "fit_round1_reward.log").read_text()
+    final = (logs / "fit_repo.log").read_text().splitlines()[0]
+    assert f"reward_model_path={fake_stages / 'exports' / 'reward'} " in final and "round1_" not in final
 
 
 def test_a_failed_stage_is_named_with_its_log_file_and_last_lines(fake_stages, capsys, monkeypatch):
@@ -80,7 +127,9 @@ def test_a_failed_stage_is_named_with_its_log_file_and_last_lines(fake_stages, c
         pipeline_module.main(["--root", str(fake_stages)])
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 1 + 4  # header, fit_sft, fit_reward, test_reward, fit_cost FAILED
+    # header, fit_sft, round 1 (fit_round1_reward, fit_round1_cost, fit_round1_repo, sample_round1_repo),
+    # fit_reward, test_reward, fit_cost FAILED
+    assert len(captured.out.splitlines()) == 1 + 8
     assert "FAILED" in captured.out.splitlines()[-1]
     log_file = fake_stages / "logs" / "fit_cost.log"
     assert f"full log: {log_file}" in captured.err

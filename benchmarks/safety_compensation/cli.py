@@ -23,7 +23,7 @@ from benchmarks.safety_compensation.search import (
     VAL_UNSAFE,
 )
 from benchmarks.safety_compensation.tasks import Benchmark, run
-from repo_lightning.safetyworld import WorldConfig
+from repo_lightning.safetyworld.config import world_from_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path("benchmarks/out/safety_compensation")
@@ -40,16 +40,9 @@ def parse_world(items: list[str]) -> dict:
     Raises:
         SystemExit: For a malformed item, an unknown field or an inconsistent world, before anything runs.
     """
-    known = {f.name for f in dataclasses.fields(WorldConfig)}
-    given = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"--world expects KEY=VALUE with KEY a WorldConfig field ({sorted(known)}); got {item!r}")
-        given[key] = yaml.safe_load(value)
     try:
-        return dataclasses.asdict(WorldConfig(**given))
-    except (TypeError, ValueError) as error:
+        return dataclasses.asdict(world_from_overrides(items))
+    except ValueError as error:
         raise SystemExit(f"--world {' '.join(items)}: {error}") from error
 
 

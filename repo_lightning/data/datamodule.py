@@ -20,7 +20,7 @@ from repo_lightning.data.collate import (
 )
 from repo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from repo_lightning.data.schema import Mode, SFTResponse, validate_rows
-from repo_lightning.data.sources import SAFETYWORLD, SafetyWorldCache, check_source, read_rows
+from repo_lightning.data.sources import LOCAL_SUFFIXES, SAFETYWORLD, SafetyWorldCache, check_source, read_rows
 from repo_lightning.errors import ConfigError
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, check_template, encode_prompt, encode_response
@@ -55,6 +55,10 @@ class RLHFDataModule(L.LightningDataModule):
             hub name (for example ``PKU-Alignment/PKU-SafeRLHF``).
         split: Split to read through ``datasets`` (ignored for files and SafetyWorld).
         subset: Dataset configuration name for ``datasets.load_dataset``.
+        extra_train_files: Local ``.json``/``.jsonl``/``.parquet`` files whose rows (same ``mode``, same schema)
+            are added to ``dataset``'s before the validation split: e.g. preference pairs labelled on a trained
+            policy's own samples for a second round of reward and cost training (docs/safetyworld.md,
+            "Preference rounds on the policy's samples").
         test_dataset: Source of the ``test`` stage; ``None`` means SafetyWorld's held-out evaluation prompts or
             ``dataset`` at ``test_split``.
         test_split: Split for the ``test`` stage when reading through ``datasets``.
@@ -84,6 +88,7 @@ class RLHFDataModule(L.LightningDataModule):
         dataset: str = SAFETYWORLD,
         split: str = "train",
         subset: str | None = None,
+        extra_train_files: list[str] | None = None,
         test_dataset: str | None = None,
         test_split: str = "test",
         field_map: dict[str, str] | None = None,
@@ -123,11 +128,18 @@ class RLHFDataModule(L.LightningDataModule):
         check_source("data.dataset", dataset)
         if test_dataset is not None:
             check_source("data.test_dataset", test_dataset)
+        for index, path in enumerate(extra_train_files or []):
+            if Path(path).suffix not in LOCAL_SUFFIXES:
+                raise ConfigError(
+                    f"data.extra_train_files[{index}]: expected a {'/'.join(LOCAL_SUFFIXES)} file, got {path!r}"
+                )
+            check_source(f"data.extra_train_files[{index}]", path)
         check_tokenizer_path("data.tokenizer", tokenizer)
         self.mode = mode
         self.dataset = dataset
         self.split = split
         self.subset = subset
+        self.extra_train_files = list(extra_train_files or [])
         self.test_dataset = test_dataset
         self.test_split = test_split
         self.field_map = field_map
@@ -184,10 +196,10 @@ class RLHFDataModule(L.LightningDataModule):
             rows = rows[: self.max_rows]
         return rows, source
 
-    def _examples(self, rows: list[dict], source: str, mode: Mode) -> list:
+    def _examples(self, rows: list[dict], source: str, mode: Mode, oracle: bool | None = None) -> list:
         clean = validate_rows(rows, mode, source, self.field_map, self.sft_response)
         tok, truncated = self.tokenizer, 0
-        world = self.oracle if source.startswith("safetyworld") else None
+        world = self.oracle if (source.startswith("safetyworld") if oracle is None else oracle) else None
         examples = []
         for index, row in enumerate(clean):
             prompt_ids, cut = encode_prompt(tok, row["prompt"], self.template, self.max_prompt_length)
@@ -252,6 +264,8 @@ class RLHFDataModule(L.LightningDataModule):
             table = {"sft": "sft", "preference": "preference", "prompts": "prompts"}[self.mode]
             rows, source = self._source_rows(self.dataset, self.split, table)
             examples = self._examples(rows, source, self.mode)
+            for path in self.extra_train_files:
+                examples += self._examples(read_rows(path), path, self.mode, oracle=self.dataset == SAFETYWORLD)
             order = list(range(len(examples)))
             random.Random(self.seed).shuffle(order)
             num_val = int(round(len(examples) * self.val_fraction))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import yaml
 
 #: Order of the entries of ``WorldConfig.benign_mixture`` and ``WorldConfig.hazard_mixture``.
 MIXTURE_BEHAVIOURS: tuple[str, str, str, str] = ("detail", "safe_alt", "refusal", "filler")
@@ -171,3 +174,23 @@ class WorldConfig:
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ValueError(f"invalid WorldConfig: {'; '.join(failed)}")
+
+
+def world_from_overrides(items: list[str]) -> WorldConfig:
+    """``["mild_severity=0.5", "seed=7", ...]`` -> the :class:`WorldConfig` with those fields (values read as YAML).
+
+    Raises:
+        ValueError: For an item that is not ``KEY=VALUE`` with ``KEY`` a field, or an inconsistent world; the message
+            names the item or the failed check.
+    """
+    known = {f.name for f in dataclasses.fields(WorldConfig)}
+    given = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"expected KEY=VALUE with KEY a WorldConfig field ({sorted(known)}); got {item!r}")
+        given[key] = yaml.safe_load(value)
+    try:
+        return WorldConfig(**given)
+    except TypeError as error:
+        raise ValueError(str(error)) from error

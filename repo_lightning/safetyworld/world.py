@@ -133,13 +133,14 @@ class World:
     def _mixture_response(self, topic: Topic, rng: random.Random) -> str:
         return self.sample_response(topic, sample_behaviour(topic, rng, self.config), rng)
 
-    def _preference_response(self, topic: Topic, rng: random.Random) -> str:
+    def preference_response(self, topic: Topic, rng: random.Random) -> str:
+        """A response drawn as a preference row's first response is: a mixture behaviour or a probe."""
         return self.sample_response(topic, sample_preference_behaviour(topic, rng, self.config), rng)
 
     def _second_response(self, topic: Topic, first: str, edited: bool, rng: random.Random) -> str:
         if edited:
             return edit_response(topic, first, rng, self.topics)
-        return self._preference_response(topic, rng)
+        return self.preference_response(topic, rng)
 
     def sft_rows(self) -> list[dict]:
         """``num_sft_rows`` rows ``{"prompt", "response", "topic", "kind"}`` on training prompts.
@@ -184,7 +185,7 @@ class World:
         rows = []
         for _ in range(count):
             prompt, topic = rng.choice(pool)
-            responses = [self._preference_response(topic, rng)]
+            responses = [self.preference_response(topic, rng)]
             edited = rng.random() < cfg.preference_edit_prob
             second = self._second_response(topic, responses[0], edited, rng)
             for _ in range(_MAX_PAIR_REDRAWS):
@@ -192,27 +193,37 @@ class World:
                     break
                 second = self._second_response(topic, responses[0], edited, rng)
             responses.append(second)
-            counts = [oracles.count_words(topic, r, self._content) for r in responses]
-            rewards = [oracles.helpfulness(topic, c, cfg) for c in counts]
-            costs = [oracles.harm(topic, c, cfg) for c in counts]
-            temperature = cfg.preference_temperature
-            better = 0 if rng.random() < _sigmoid((rewards[0] - rewards[1]) / temperature) else 1
-            safer = 0 if rng.random() < _sigmoid((costs[1] - costs[0]) / temperature) else 1
-            safe = [(cost <= 0) != (rng.random() < cfg.label_noise) for cost in costs]
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "response_0": responses[0],
-                    "response_1": responses[1],
-                    "better_response_id": better,
-                    "safer_response_id": safer,
-                    "is_response_0_safe": safe[0],
-                    "is_response_1_safe": safe[1],
-                    "topic": topic.name,
-                    "kind": topic.kind,
-                }
-            )
+            rows.append(self.label_pair(prompt, topic, responses[0], responses[1], rng))
         return rows
+
+    def label_pair(self, prompt: str, topic: Topic, response_0: str, response_1: str, rng: random.Random) -> dict:
+        """One PKU-SafeRLHF-schema row for two responses to ``prompt``, labelled as the preference data is.
+
+        ``better_response_id`` is drawn with probability ``sigmoid((R*_0 - R*_1) / preference_temperature)``,
+        ``safer_response_id`` likewise from ``-C*``, and ``is_response_i_safe`` is ``C*_i <= 0`` flipped with
+        probability ``label_noise``: the simulated annotator of docs/safetyworld.md, used for the generated rows and
+        for labelling a policy's own samples (:mod:`.annotate`).
+        """
+        cfg = self.config
+        responses = (response_0, response_1)
+        counts = [oracles.count_words(topic, " ".join(_WORD_PATTERN.findall(r)), self._content) for r in responses]
+        rewards = [oracles.helpfulness(topic, c, cfg) for c in counts]
+        costs = [oracles.harm(topic, c, cfg) for c in counts]
+        temperature = cfg.preference_temperature
+        better = 0 if rng.random() < _sigmoid((rewards[0] - rewards[1]) / temperature) else 1
+        safer = 0 if rng.random() < _sigmoid((costs[1] - costs[0]) / temperature) else 1
+        safe = [(cost <= 0) != (rng.random() < cfg.label_noise) for cost in costs]
+        return {
+            "prompt": prompt,
+            "response_0": response_0,
+            "response_1": response_1,
+            "better_response_id": better,
+            "safer_response_id": safer,
+            "is_response_0_safe": safe[0],
+            "is_response_1_safe": safe[1],
+            "topic": topic.name,
+            "kind": topic.kind,
+        }
 
     def rl_prompts(self) -> list[dict]:
         """``num_rl_prompts`` rows ``{"prompt", "topic", "kind"}`` from the training prompt pool."""

@@ -1,0 +1,113 @@
+"""A preference round on a policy's own samples: pair its answers and label them as the preference data is.
+
+Safe RLHF trains its reward and cost models again on pairs of the RL policy's own answers, labelled by people
+(three rounds for Beaver v1-v3), because RL drives a policy to answers the first data never showed the models. On
+SafetyWorld the simulated annotator of the preference data (:meth:`World.label_pair`: Bradley-Terry draws from
+the oracles at ``preference_temperature``, safety labels flipped with ``label_noise``) labels them, so the rows
+are exactly as noisy as the first round's. docs/safetyworld.md, "Preference rounds on the policy's samples".
+
+Input: the ``per_prompt.jsonl`` that a policy's ``test`` run writes (``evaluation.report_dir``), taken on the
+*training* prompts (``World.rl_prompts``), never on the held-out evaluation prompts. Each prompt's distinct
+answers are paired in order; an answer left over (odd count, or all answers identical) is paired with a fresh
+draw from the world's preference mixture, so a policy that always gives one answer still gets it compared.
+
+Example::
+
+    python -m repo_lightning.safetyworld.annotate runs/r1/samples/repo/per_prompt.jsonl --out pairs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from repo_lightning.data.schema import DataValidationError
+from repo_lightning.data.sources import read_jsonl
+from repo_lightning.safetyworld.config import world_from_overrides
+from repo_lightning.safetyworld.world import World
+
+#: Redraws of the mixture partner while it equals the answer it is paired with.
+_MAX_PARTNER_REDRAWS = 10
+
+
+def annotate_samples(world: World, samples: Iterable[tuple[str, Sequence[str]]], seed: int = 0) -> list[dict]:
+    """Preference rows (PKU-SafeRLHF schema, with ``topic``/``kind``) for each prompt's sampled answers.
+
+    Args:
+        world: The world whose prompts were answered (its oracles label, its mixture supplies partners).
+        samples: ``(prompt, answers)`` per prompt; the prompt as the world wrote it.
+        seed: Seeds the pairing partners and the label draws (with the world's seed).
+
+    Returns:
+        About ``len(answers) / 2`` rows per prompt (at least one), in prompt order.
+    """
+    rng = random.Random(f"safetyworld/{world.config.seed}/annotate/{seed}")
+    rows = []
+    for prompt, answers in samples:
+        topic = world.topic_of(prompt)
+        distinct = [a.strip() for a in dict.fromkeys(answers)]
+        pairs = [(distinct[i], distinct[i + 1]) for i in range(0, len(distinct) - 1, 2)]
+        if len(distinct) % 2:
+            partner = world.preference_response(topic, rng)
+            for _ in range(_MAX_PARTNER_REDRAWS):
+                if partner != distinct[-1]:
+                    break
+                partner = world.preference_response(topic, rng)
+            pairs.append((distinct[-1], partner) if rng.random() < 0.5 else (partner, distinct[-1]))
+        rows += [world.label_pair(prompt, topic, a, b, rng) for a, b in pairs]
+    return rows
+
+
+def read_samples(path: str | Path) -> list[tuple[str, list[str]]]:
+    """``(prompt, responses)`` of every line of a ``per_prompt.jsonl``.
+
+    Raises:
+        DataValidationError: a line without a string ``prompt`` or a list ``responses`` (naming file and line).
+    """
+    samples = []
+    for number, row in enumerate(read_jsonl(Path(path))):
+        prompt, responses = row.get("prompt"), row.get("responses")
+        if not isinstance(prompt, str) or not isinstance(responses, list) or not responses:
+            raise DataValidationError(
+                f"{path}: row {number}: expected a per_prompt.jsonl record with a string 'prompt' and a non-empty "
+                f"list 'responses' (the evaluation report's format); got keys {sorted(row)}"
+            )
+        samples.append((prompt, [str(r) for r in responses]))
+    return samples
+
+
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    """Write rows as JSON lines (through a temporary file, so a killed run leaves no half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("samples", nargs="+", help="per_prompt.jsonl files of policy test runs on training prompts")
+    parser.add_argument("--out", required=True, help="preference rows to write (.jsonl)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pairing and the label draws")
+    parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="WorldConfig fields")
+    args = parser.parse_args(argv)
+    try:
+        world = World(world_from_overrides(args.world))
+    except ValueError as error:
+        parser.error(f"--world: {error}")
+    rows = []
+    for index, path in enumerate(args.samples):
+        if not Path(path).is_file():
+            parser.error(f"no samples file at {path!r} (expected a per_prompt.jsonl)")
+        rows += annotate_samples(world, read_samples(path), seed=args.seed * 1000 + index)
+    write_rows(rows, args.out)
+    print(f"{len(rows)} preference rows from {len(args.samples)} sample file(s) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Preference rounds on a policy's own samples: the annotator, ``data.extra_train_files`` and the pipeline's world.
+
+The pipeline's stage order with rounds is in test_pipeline_output.py (fake stages); here the pieces themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+
+from repo_lightning.data.datamodule import RLHFDataModule
+from repo_lightning.data.schema import DataValidationError
+from repo_lightning.errors import ConfigError, MissingInputError
+from repo_lightning.pipeline import Pipeline
+from repo_lightning.safetyworld import World, WorldConfig
+from repo_lightning.safetyworld.annotate import annotate_samples, main, read_samples
+from repo_lightning.safetyworld.config import world_from_overrides
+
+
+def _topic(world: World, kind: str):
+    return next(t for t in world.topics if t.kind == kind)
+
+
+def _prompt(world: World, kind: str) -> str:
+    return next(row["prompt"] for row in world.rl_prompts() if row["kind"] == kind)
+
+
+def test_label_pair_follows_the_oracles_without_noise():
+    world = World(WorldConfig(preference_temperature=1e-6, label_noise=0.0))
+    prompt = _prompt(world, "hazard_mild")
+    topic = world.topic_of(prompt)
+    unsafe = f"{topic.detail[0]} {topic.detail[1]} {topic.safe_alt[0]}"  # R* 2.5, C* > 0
+    safe = f"{topic.safe_alt[0]} {topic.safe_alt[1]}"  # R* 1.0, C* -0.2
+    for _ in range(20):
+        row = world.label_pair(prompt, topic, unsafe, safe, random.Random(0))
+        assert (row["better_response_id"], row["safer_response_id"]) == (0, 1)
+        assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (False, True)
+        assert (row["topic"], row["kind"]) == (topic.name, "hazard_mild")
+
+
+def test_label_pair_is_as_noisy_as_the_generated_rows():
+    """Safety labels flip at ``label_noise``; preferences follow sigmoid((R*_0 - R*_1) / temperature)."""
+    world = World(WorldConfig(label_noise=0.2, preference_temperature=0.5))
+    prompt = _prompt(world, "benign")
+    topic = world.topic_of(prompt)
+    a, b = topic.detail[0], f"{topic.detail[0]} {topic.detail[1]}"  # R* 1 vs 2: P(better = 0) = sigmoid(-2)
+    rng = random.Random(1)
+    rows = [world.label_pair(prompt, topic, a, b, rng) for _ in range(4000)]
+    assert sum(r["better_response_id"] == 0 for r in rows) / 4000 == pytest.approx(0.1192, abs=0.02)
+    assert sum(not r["is_response_0_safe"] for r in rows) / 4000 == pytest.approx(0.2, abs=0.02)
+
+
+def test_annotate_pairs_distinct_answers_in_order_and_the_odd_one_with_a_mixture_draw():
+    world = World(WorldConfig())
+    prompt = _prompt(world, "hazard_severe")
+    topic = world.topic_of(prompt)
+    answers = [topic.detail[0], topic.safe_alt[0], topic.detail[0], topic.safe_alt[1], "", topic.safe_alt[0]]
+    rows = annotate_samples(world, [(prompt, answers)], seed=3)
+    # distinct in order: detail0, safe_alt0, safe_alt1, "" -> two pairs, no partner needed
+    assert [(r["response_0"], r["response_1"]) for r in rows] == [
+        (topic.detail[0], topic.safe_alt[0]),
+        (topic.safe_alt[1], ""),
+    ]
+    same = annotate_samples(world, [(prompt, [topic.safe_alt[0]] * 4)], seed=3)
+    assert len(same) == 1
+    pair = {same[0]["response_0"], same[0]["response_1"]}
+    assert topic.safe_alt[0] in pair and len(pair) == 2  # compared with something else
+    assert annotate_samples(world, [(prompt, answers)], seed=3) == rows  # deterministic
+    assert all(r["prompt"] == prompt for r in rows + same)
+
+
+def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
+    world = World(world_from_overrides(["num_topics=6", "seed=3"]))
+    prompts = [row["prompt"] for row in world.rl_prompts()[:5]]
+    report = tmp_path / "per_prompt.jsonl"
+    report.write_text("".join(json.dumps({"prompt": p, "responses": ["a b", "sorry i cannot"]}) + "\n" for p in prompts))
+    out = tmp_path / "pairs.jsonl"
+    main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and [r["prompt"] for r in rows] == prompts
+    assert "5 preference rows" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": prompts[0], "responses": []}) + "\n")
+    with pytest.raises(DataValidationError, match=r"bad.jsonl: row 0: .*non-empty list 'responses'"):
+        read_samples(bad)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.jsonl"), "--out", str(out)])
+    assert "no samples file at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(report), "--out", str(out), "--world", "num_topic=6"])
+    assert "num_topic=6" in capsys.readouterr().err
+
+
+def test_extra_train_files_add_their_pairs_to_the_training_rows(tmp_path, tiny_world_config):
+    world = World(tiny_world_config)
+    samples = [(row["prompt"], ["", row["prompt"].split()[-2]]) for row in world.rl_prompts()[:12]]
+    extra = tmp_path / "pairs.jsonl"
+    extra.write_text("".join(json.dumps(r) + "\n" for r in annotate_samples(world, samples)))
+    settings = dict(mode="preference", world=tiny_world_config, cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    base = RLHFDataModule(**settings)
+    base.setup("fit")
+    more = RLHFDataModule(**settings, extra_train_files=[str(extra)])
+    more.setup("fit")
+    assert len(more.datasets["train"]) == len(base.datasets["train"]) + 12
+    added = more.datasets["train"].examples[-12:]
+    rows = [json.loads(line) for line in extra.read_text().splitlines()]
+    for example, row in zip(added, rows, strict=True):
+        assert example.better_response_id == row["better_response_id"]
+        truth = tuple(world.helpfulness(row["prompt"], row[f"response_{i}"]) for i in (0, 1))
+        assert example.true_rewards == pytest.approx(truth)  # the world's oracle values ride along
+
+
+def test_extra_train_files_are_checked_at_construction(tmp_path, tiny_world_config):
+    settings = dict(mode="preference", world=tiny_world_config, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(MissingInputError, match=r"data.extra_train_files\[0\]: no data file"):
+        RLHFDataModule(**settings, extra_train_files=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ConfigError, match=r"data.extra_train_files\[0\]: expected a .json/.jsonl/.parquet file"):
+        RLHFDataModule(**settings, extra_train_files=["PKU-Alignment/PKU-SafeRLHF"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "response_0": "a"}) + "\n")
+    dm = RLHFDataModule(**settings, extra_train_files=[str(bad)])
+    with pytest.raises(DataValidationError, match="bad.jsonl"):
+        dm.setup("fit")
+
+
+def test_pipeline_reads_its_world_from_the_world_arguments(tmp_path):
+    extra = {"world": ["--data.world.seed=7", "--data.init_args.world.num_topics=30"]}
+    world = Pipeline(tmp_path, extra=extra).world()
+    assert world.config == replace(WorldConfig(), seed=7, num_topics=30)
+    assert Pipeline(tmp_path).world().config == WorldConfig()
+    with pytest.raises(ValueError, match="--data.world.KEY=VALUE"):
+        Pipeline(tmp_path, extra={"world": ["--model.init_args.seed=1"]}).world()
+    with pytest.raises(ValueError, match="no_such"):
+        Pipeline(tmp_path, extra={"world": ["--data.world.no_such=1"]}).world()
