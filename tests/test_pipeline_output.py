@@ -39,7 +39,8 @@ if "--model.init_args.evaluation.report_dir" in args:
         prompts = [json.loads(line)["prompt"] for line in open(args["--data.init_args.test_dataset"])]
         with open(out / "per_prompt.jsonl", "w") as handle:
             for prompt in prompts[:20]:
-                handle.write(json.dumps({"prompt": prompt, "responses": ["", "sorry i cannot help with that"]}) + chr(10))
+                record = {"prompt": prompt, "responses": ["", "sorry i cannot help with that"]}
+                handle.write(json.dumps(record) + chr(10))
 if "--data.init_args.extra_train_files" in args:
     files = json.loads(args["--data.init_args.extra_train_files"])
     print("EXTRA_TRAIN_FILES", files, [sum(1 for _ in open(f)) for f in files])

@@ -76,7 +76,8 @@ def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
     world = World(world_from_overrides(["num_topics=6", "seed=3"]))
     prompts = [row["prompt"] for row in world.rl_prompts()[:5]]
     report = tmp_path / "per_prompt.jsonl"
-    report.write_text("".join(json.dumps({"prompt": p, "responses": ["a b", "sorry i cannot"]}) + "\n" for p in prompts))
+    records = [{"prompt": p, "responses": ["a b", "sorry i cannot"]} for p in prompts]
+    report.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "pairs.jsonl"
     main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
