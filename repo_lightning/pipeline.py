@@ -181,7 +181,7 @@ class Pipeline:
                 f"--model.init_args.model_name_or_path={self.export('sft')}",
             ]
             if files:
-                args.append(f"--data.init_args.extra_train_files={json.dumps(files)}")
+                args.append(f"--data.extra_train_files={json.dumps(files)}")
             self._run(f"fit_{name}", ["fit", *args])
             if test:
                 args = ["--config", config, *self._common(stage, f"{name}_test")]
@@ -217,7 +217,7 @@ class Pipeline:
                     f"--ckpt_path={checkpoint}",
                     f"--model.init_args.evaluation.report_dir={out}",
                     f"--model.init_args.evaluation.samples_per_prompt={COLLECT_SAMPLES_PER_PROMPT}",
-                    f"--data.init_args.test_dataset={prompts}",
+                    f"--data.test_dataset={prompts}",
                 ],
             )
             seed = 1000 * self.seed + 10 * round_index + index

@@ -67,3 +67,16 @@ def test_config_checkpoints_periodically_so_a_killed_run_resumes(path, monkeypat
     assert any(c.every_n_train_steps and c.save_last for c in checkpoints), f"{path}: no periodic last.ckpt"
     # The newest checkpoint must hold the final weights: a periodic one alone is up to N-1 steps stale at the end.
     assert any(not c.every_n_train_steps and c.save_last for c in checkpoints), f"{path}: no epoch-end last.ckpt"
+
+
+def test_the_pipelines_round_arguments_parse(tmp_path, monkeypatch):
+    """The data keys the preference rounds pass on the command line (repo_lightning.pipeline) reach the DataModule."""
+    monkeypatch.setattr(cli_module, "RLHFCLI", ParseOnlyCLI)
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    reward = CONFIG_ROOT / "demo" / "reward.yaml"
+    config = cli_module.main(["--config", str(reward), f"--data.extra_train_files={files}"], run=False).config
+    assert config.data.extra_train_files == files
+    policy = CONFIG_ROOT / "demo" / "repo.yaml"
+    prompts = str(tmp_path / "train_prompts.jsonl")
+    config = cli_module.main(["--config", str(policy), f"--data.test_dataset={prompts}"], run=False).config
+    assert config.data.test_dataset == prompts

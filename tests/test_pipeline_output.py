@@ -35,14 +35,14 @@ if "--model.init_args.evaluation.report_dir" in args:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"true_unsafe_response_rate": 0.5, "reward_mean": 1.0, "kl_mean": 0.0}
     (out / "metrics.json").write_text(json.dumps(metrics))
-    if "--data.init_args.test_dataset" in args:  # a collection round samples the training prompts
-        prompts = [json.loads(line)["prompt"] for line in open(args["--data.init_args.test_dataset"])]
+    if "--data.test_dataset" in args:  # a collection round samples the training prompts
+        prompts = [json.loads(line)["prompt"] for line in open(args["--data.test_dataset"])]
         with open(out / "per_prompt.jsonl", "w") as handle:
             for prompt in prompts[:20]:
                 record = {"prompt": prompt, "responses": ["", "sorry i cannot help with that"]}
                 handle.write(json.dumps(record) + chr(10))
-if "--data.init_args.extra_train_files" in args:
-    files = json.loads(args["--data.init_args.extra_train_files"])
+if "--data.extra_train_files" in args:
+    files = json.loads(args["--data.extra_train_files"])
     print("EXTRA_TRAIN_FILES", files, [sum(1 for _ in open(f)) for f in files])
 """
 
