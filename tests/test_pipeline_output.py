@@ -113,10 +113,10 @@ def test_default_pipeline_trains_the_final_models_on_pairs_of_the_collectors_ans
     sample = (logs / "sample_round1_repo.log").read_text()
     assert f"test_dataset={fake_stages / 'rounds' / 'train_prompts.jsonl'}" in sample
     assert "evaluation.samples_per_prompt=8" in sample
-    # 20 prompts x (2 distinct answers -> 1 pair) from each of the two collectors
+    # 20 prompts x (2 distinct answers -> 1 pair, and each against a reference answer) from each of two collectors
     pairs = fake_stages / "rounds" / "round1" / "pairs.jsonl"
     for stage in ("reward", "cost"):
-        assert f"EXTRA_TRAIN_FILES ['{pairs}'] [40]" in (logs / f"fit_{stage}.log").read_text()
+        assert f"EXTRA_TRAIN_FILES ['{pairs}'] [120]" in (logs / f"fit_{stage}.log").read_text()
     assert "EXTRA_TRAIN_FILES" not in (logs / "fit_round1_reward.log").read_text()
     final = (logs / "fit_repo.log").read_text().splitlines()[0]
     assert f"reward_model_path={fake_stages / 'exports' / 'reward'} " in final and "round1_" not in final

@@ -53,21 +53,24 @@ def test_label_pair_is_as_noisy_as_the_generated_rows():
     assert sum(not r["is_response_0_safe"] for r in rows) / 4000 == pytest.approx(0.2, abs=0.02)
 
 
-def test_annotate_pairs_distinct_answers_in_order_and_the_odd_one_with_a_mixture_draw():
+def test_annotate_pairs_distinct_answers_in_order_and_each_with_a_mixture_draw():
     world = World(WorldConfig())
     prompt = _prompt(world, "hazard_severe")
     topic = world.topic_of(prompt)
     answers = [topic.detail[0], topic.safe_alt[0], topic.detail[0], topic.safe_alt[1], "", topic.safe_alt[0]]
+    distinct = [topic.detail[0], topic.safe_alt[0], topic.safe_alt[1], ""]
     rows = annotate_samples(world, [(prompt, answers)], seed=3)
-    # distinct in order: detail0, safe_alt0, safe_alt1, "" -> two pairs, no partner needed
-    assert [(r["response_0"], r["response_1"]) for r in rows] == [
-        (topic.detail[0], topic.safe_alt[0]),
-        (topic.safe_alt[1], ""),
-    ]
-    same = annotate_samples(world, [(prompt, [topic.safe_alt[0]] * 4)], seed=3)
-    assert len(same) == 1
+    assert [(r["response_0"], r["response_1"]) for r in rows[:2]] == [(distinct[0], distinct[1]), (distinct[2], "")]
+    assert len(rows) == 2 + 4
+    for answer, row in zip(distinct, rows[2:], strict=True):  # each answer against a reference answer
+        pair = [row["response_0"], row["response_1"]]
+        assert answer in pair and pair[0] != pair[1]
+    only_policy = annotate_samples(world, [(prompt, answers)], seed=3, reference_pairs=False)
+    assert [(r["response_0"], r["response_1"]) for r in only_policy] == [(distinct[0], distinct[1]), (distinct[2], "")]
+    same = annotate_samples(world, [(prompt, [topic.safe_alt[0]] * 4)], seed=3, reference_pairs=False)
+    assert len(same) == 1  # a lone answer is still compared, with a mixture draw
     pair = {same[0]["response_0"], same[0]["response_1"]}
-    assert topic.safe_alt[0] in pair and len(pair) == 2  # compared with something else
+    assert topic.safe_alt[0] in pair and len(pair) == 2
     assert annotate_samples(world, [(prompt, answers)], seed=3) == rows  # deterministic
     assert all(r["prompt"] == prompt for r in rows + same)
 
@@ -81,8 +84,8 @@ def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
     out = tmp_path / "pairs.jsonl"
     main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 5 and [r["prompt"] for r in rows] == prompts
-    assert "5 preference rows" in capsys.readouterr().out
+    assert len(rows) == 5 * 3 and [r["prompt"] for r in rows[::3]] == prompts  # 1 policy pair + 2 reference pairs
+    assert "15 preference rows" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": prompts[0], "responses": []}) + "\n")
     with pytest.raises(DataValidationError, match=r"bad.jsonl: row 0: .*non-empty list 'responses'"):
@@ -97,7 +100,7 @@ def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
 
 def test_extra_train_files_add_their_pairs_to_the_training_rows(tmp_path, tiny_world_config):
     world = World(tiny_world_config)
-    samples = [(row["prompt"], ["", row["prompt"].split()[-2]]) for row in world.rl_prompts()[:12]]
+    samples = [(row["prompt"], [""]) for row in world.rl_prompts()[:12]]
     extra = tmp_path / "pairs.jsonl"
     extra.write_text("".join(json.dumps(r) + "\n" for r in annotate_samples(world, samples)))
     settings = dict(mode="preference", world=tiny_world_config, cache_dir=str(tmp_path / "cache"), val_fraction=0.0)

@@ -8,8 +8,8 @@ are exactly as noisy as the first round's. docs/safetyworld.md, "Preference roun
 
 Input: the ``per_prompt.jsonl`` that a policy's ``test`` run writes (``evaluation.report_dir``), taken on the
 *training* prompts (``World.rl_prompts``), never on the held-out evaluation prompts. Each prompt's distinct
-answers are paired in order; an answer left over (odd count, or all answers identical) is paired with a fresh
-draw from the world's preference mixture, so a policy that always gives one answer still gets it compared.
+answers are paired in order, and each is also paired with a fresh draw from the world's preference mixture (the
+reference answers of the first round's data), so a policy that always gives one answer still gets it compared.
 
 Example::
 
@@ -33,30 +33,37 @@ from repo_lightning.safetyworld.world import World
 _MAX_PARTNER_REDRAWS = 10
 
 
-def annotate_samples(world: World, samples: Iterable[tuple[str, Sequence[str]]], seed: int = 0) -> list[dict]:
+def annotate_samples(
+    world: World, samples: Iterable[tuple[str, Sequence[str]]], seed: int = 0, reference_pairs: bool = True
+) -> list[dict]:
     """Preference rows (PKU-SafeRLHF schema, with ``topic``/``kind``) for each prompt's sampled answers.
 
     Args:
         world: The world whose prompts were answered (its oracles label, its mixture supplies partners).
         samples: ``(prompt, answers)`` per prompt; the prompt as the world wrote it.
         seed: Seeds the pairing partners and the label draws (with the world's seed).
+        reference_pairs: Also pair every distinct answer with a fresh draw from the preference mixture (the
+            reference answers of the first round's data), not only the answers with each other: pairs of two
+            similar policy answers say little about how they compare with the answers the data already covers.
 
     Returns:
-        About ``len(answers) / 2`` rows per prompt (at least one), in prompt order.
+        Per prompt, one row per pair of consecutive distinct answers (a left-over answer is paired with a mixture
+        draw) and, with ``reference_pairs``, one more per distinct answer; in prompt order.
     """
     rng = random.Random(f"safetyworld/{world.config.seed}/annotate/{seed}")
     rows = []
     for prompt, answers in samples:
         topic = world.topic_of(prompt)
-        distinct = [a.strip() for a in dict.fromkeys(answers)]
+        distinct = list(dict.fromkeys(a.strip() for a in answers))
         pairs = [(distinct[i], distinct[i + 1]) for i in range(0, len(distinct) - 1, 2)]
-        if len(distinct) % 2:
+        partnered = distinct if reference_pairs else distinct[len(distinct) - len(distinct) % 2 :]
+        for answer in partnered:
             partner = world.preference_response(topic, rng)
             for _ in range(_MAX_PARTNER_REDRAWS):
-                if partner != distinct[-1]:
+                if partner != answer:
                     break
                 partner = world.preference_response(topic, rng)
-            pairs.append((distinct[-1], partner) if rng.random() < 0.5 else (partner, distinct[-1]))
+            pairs.append((answer, partner) if rng.random() < 0.5 else (partner, answer))
         rows += [world.label_pair(prompt, topic, a, b, rng) for a, b in pairs]
     return rows
 
