@@ -12,9 +12,9 @@ Example::
 
     python -m repo_lightning.pipeline --root lightning_logs/demo
     python -m repo_lightning.pipeline --root runs/seed1 --seed 1 --algorithms ppo_lag repo
-    python -m repo_lightning.pipeline --root runs/one_round --preference-rounds 1
+    python -m repo_lightning.pipeline --root runs/two_rounds --preference-rounds 2
 
-Preference rounds (``--preference-rounds``, default 2): after the first reward and cost models, each requested
+Preference rounds (``--preference-rounds``, default 1: none): with 2 or more, after the first reward and cost models, each requested
 policy is trained once as a *collector*, sampled on the training prompts, and its answers are paired and labelled by
 SafetyWorld's simulated annotator (:mod:`repo_lightning.safetyworld.annotate`); the reward and cost models are then
 trained again from the SFT export on the original pairs plus the new ones, and the policies of the final round are
@@ -385,10 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--preference-rounds",
         type=int,
-        default=2,
+        default=1,
         help="rounds of reward/cost training; each after the first adds pairs of the previous round's policies' "
-        "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s; 1: one "
-        "round on the generated preference data only)",
+        "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s: one round, on the generated preference data only)",
     )
     args = parser.parse_args(argv)
     if args.preference_rounds < 1:

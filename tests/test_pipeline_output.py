@@ -57,7 +57,7 @@ def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--preference-rounds", "1"])
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert len(lines) <= 60
@@ -84,8 +84,8 @@ def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys
     assert not (fake_stages / "rounds").exists()
 
 
-def test_default_pipeline_trains_the_final_models_on_pairs_of_the_collectors_answers(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+def test_two_rounds_train_the_final_models_on_pairs_of_the_collectors_answers(fake_stages, capsys):
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--preference-rounds", "2"])
     stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert [line.split()[1] for line in stage_lines] == [
         "fit_sft",
@@ -128,9 +128,7 @@ def test_a_failed_stage_is_named_with_its_log_file_and_last_lines(fake_stages, c
         pipeline_module.main(["--root", str(fake_stages)])
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
-    # header, fit_sft, round 1 (fit_round1_reward, fit_round1_cost, fit_round1_repo, sample_round1_repo),
-    # fit_reward, test_reward, fit_cost FAILED
-    assert len(captured.out.splitlines()) == 1 + 8
+    assert len(captured.out.splitlines()) == 1 + 4  # header, fit_sft, fit_reward, test_reward, fit_cost FAILED
     assert "FAILED" in captured.out.splitlines()[-1]
     log_file = fake_stages / "logs" / "fit_cost.log"
     assert f"full log: {log_file}" in captured.err
