@@ -14,11 +14,12 @@ Example::
     python -m repo_lightning.pipeline --root runs/seed1 --seed 1 --algorithms ppo_lag repo
     python -m repo_lightning.pipeline --root runs/two_rounds --preference-rounds 2
 
-Preference rounds (``--preference-rounds``, default 1: none): with 2 or more, after the first reward and cost models, each requested
-policy is trained once as a *collector*, sampled on the training prompts, and its answers are paired and labelled by
-SafetyWorld's simulated annotator (:mod:`repo_lightning.safetyworld.annotate`); the reward and cost models are then
-trained again from the SFT export on the original pairs plus the new ones, and the policies of the final round are
-trained from the SFT export with those models (docs/safetyworld.md, "Preference rounds on the policy's samples").
+Preference rounds (``--preference-rounds``, default 1: none). With 2 or more, after the first reward and cost
+models each requested policy is trained once as a *collector* and sampled on the training prompts; its answers are
+paired (with each other and with answers of the preference mixture) and labelled by SafetyWorld's simulated
+annotator (:mod:`repo_lightning.safetyworld.annotate`). The reward and cost models are then trained again from the
+SFT export on the generated pairs plus the new ones, and the final policies are trained from the SFT export with
+those models (docs/safetyworld.md, "Preference rounds on the policy's samples").
 """
 
 from __future__ import annotations
@@ -387,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=1,
         help="rounds of reward/cost training; each after the first adds pairs of the previous round's policies' "
-        "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s: one round, on the generated preference data only)",
+        "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s: one "
+        "round, on the generated preference data only)",
     )
     args = parser.parse_args(argv)
     if args.preference_rounds < 1:
