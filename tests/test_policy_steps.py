@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from repo_lightning.errors import ConfigError
 from repo_lightning.modules.policy_config import Estimation
 from repo_lightning.modules.policy_steps import compute_advantages
 from repo_lightning.modules.rollout import Rollout
@@ -69,6 +70,26 @@ def test_constraint_statistics():
     assert abs(float(RePO(target_unsafe_rate=0.05).statistic(-costs.abs(), 2)) + 0.05) < 1e-7
     with pytest.raises(TypeError, match="no constraint statistic"):
         PPO().statistic(costs, 2)
+
+
+def test_safety_margin_counts_answers_near_the_boundary_as_unsafe():
+    costs = torch.tensor([-0.5, 0.3, -1.5, 0.0])
+    goal = RePO(safety_margin=1.0, target_unsafe_rate=0.25)
+    signal, unsafe = goal.cost_signal(costs, 2)
+    assert torch.allclose(signal, torch.tensor([0.5, 1.3, 0.0, 1.0]))  # relu(C + 1)
+    assert unsafe.tolist() == [True, True, False, True]
+    assert abs(float(goal.statistic(costs, 2)) - 0.5) < 1e-7  # 3 of 4 unsafe - 0.25
+    # rectified_cost: mean(relu(C + 1)) - tolerance = 2.8 / 4 - 0.2
+    assert (
+        abs(float(RePO(safety_margin=1.0, constraint="rectified_cost", tolerance=0.2).statistic(costs, 2)) - 0.5) < 1e-6
+    )
+    # per prompt: means [-0.1, -0.75] + 1 -> both unsafe, each sample keeps its own shifted cost
+    signal, unsafe = RePO(safety_margin=1.0, rectify="prompt").cost_signal(costs, 2)
+    assert torch.allclose(signal, torch.tensor([0.5, 1.3, -0.5, 1.0])) and unsafe.all()
+    # margin 0 is the paper's test
+    assert RePO().cost_signal(costs, 2)[1].tolist() == [False, True, False, False]
+    with pytest.raises(ConfigError, match="safety_margin must be >= 0"):
+        RePO(safety_margin=-0.1)
 
 
 def test_cost_kl_default_gives_every_algorithm_the_same_kl_weight():

@@ -43,6 +43,11 @@ class RePO(Objective):
             sampled answer, which biases the policy gradient of ``E[R - lam {C}^+]``; ``all`` is the unbiased
             estimate of that Lagrangian's gradient. With a group baseline (``rloo``) it rewards a safe answer on a
             prompt whose other answers were unsafe by ``lam`` times their mean violation (docs/algorithm.md 10).
+        safety_margin: ``m >= 0``: the policy stage reads the cost model's ``C + m`` wherever RePO uses a cost (the
+            rectified signal, the unsafe test, the dual statistic), so an answer counts as unsafe once
+            ``C > -m``. A conservative cost: it moves the policy's safe region away from the cost model's decision
+            boundary, where a learned model errs most on the answers RL finds (docs/algorithm.md 12). ``0`` is the
+            paper's ``C > 0``. Evaluation still reports the model's own ``C > 0`` judgement and the oracles'.
     """
 
     name = "repo"
@@ -58,6 +63,7 @@ class RePO(Objective):
         normalize_advantage_mix: bool = True,
         cost_kl_coef: float | None = None,
         mix: Literal["unsafe", "all"] = "unsafe",
+        safety_margin: float = 0.0,
     ) -> None:
         if rectify not in ("sample", "prompt"):
             raise ConfigError(
@@ -74,6 +80,8 @@ class RePO(Objective):
             )
         if not tolerance >= 0.0:
             raise ConfigError(f"model.init_args.objective.init_args.tolerance must be >= 0, got {tolerance}")
+        if not safety_margin >= 0.0:
+            raise ConfigError(f"model.init_args.objective.init_args.safety_margin must be >= 0, got {safety_margin}")
         if mix not in ("unsafe", "all"):
             raise ConfigError(f"model.init_args.objective.init_args.mix must be 'unsafe' or 'all', got {mix!r}")
         self.mix = mix
@@ -83,10 +91,11 @@ class RePO(Objective):
         self.tolerance = tolerance
         self.normalize_advantage_mix = normalize_advantage_mix
         self.cost_kl_coef = cost_kl_coef
+        self.safety_margin = safety_margin
 
     def cost_signal(self, costs: Tensor, samples_per_prompt: int) -> tuple[Tensor, Tensor | None]:
-        """``({C}^+, C > 0)`` per sample, or the prompt-gated own costs (see :func:`rectified_costs`)."""
-        return rectified_costs(costs, samples_per_prompt, self.rectify)
+        """``({C + m}^+, C + m > 0)`` per sample, or the prompt-gated own costs (see :func:`rectified_costs`)."""
+        return rectified_costs(costs + self.safety_margin, samples_per_prompt, self.rectify)
 
     def cost_stream_kl_coef(self, kl_coef: float) -> float:
         """See :func:`matched_cost_kl_coef`."""
@@ -100,8 +109,11 @@ class RePO(Objective):
         return combine_advantages(reward_advantages, cost_advantages, multiplier, gate, self.normalize_advantage_mix)
 
     def statistic(self, costs: Tensor, samples_per_prompt: int) -> Tensor:
-        """Unsafe share minus the target, or ``mean({C}^+) - tolerance`` (per prompt with ``rectify: prompt``)."""
-        costs = costs.float()
+        """Unsafe share minus the target, or ``mean({C}^+) - tolerance``, of ``C + safety_margin``.
+
+        Per prompt (the mean of its samples' costs) with ``rectify: prompt``.
+        """
+        costs = costs.float() + self.safety_margin
         if self.rectify == "prompt":
             costs = costs.view(-1, samples_per_prompt).mean(1)
         if self.constraint == "unsafe_rate":
