@@ -142,13 +142,15 @@ class Pipeline:
         self.timings[name] = run_cli(args, log_file, label)
 
     def world(self) -> World:
-        """The SafetyWorld of this run, from the ``--data.world.KEY=VALUE`` arguments of ``extra["world"]``."""
+        """The SafetyWorld of this run, from the ``--data.world.KEY=VALUE`` arguments of ``extra["world"]``.
+
+        Other arguments there (e.g. ``--data.cache_dir=...``, which every stage also gets) do not change the world.
+        """
         items = []
         for arg in self.extra.get("world", []):
             prefix = next((p for p in _WORLD_ARG_PREFIXES if arg.startswith(p)), None)
-            if prefix is None:
-                raise ValueError(f"extra['world']: expected --data.world.KEY=VALUE, got {arg!r}")
-            items.append(arg[len(prefix) :])
+            if prefix is not None:
+                items.append(arg[len(prefix) :])
         return World(world_from_overrides(items))
 
     def train_models(self, test: bool = True) -> None:

@@ -135,7 +135,27 @@ def test_pipeline_reads_its_world_from_the_world_arguments(tmp_path):
     world = Pipeline(tmp_path, extra=extra).world()
     assert world.config == replace(WorldConfig(), seed=7, num_topics=30)
     assert Pipeline(tmp_path).world().config == WorldConfig()
-    with pytest.raises(ValueError, match="--data.world.KEY=VALUE"):
-        Pipeline(tmp_path, extra={"world": ["--model.init_args.seed=1"]}).world()
+    other = {"world": ["--data.cache_dir=/tmp/x", "--data.world.seed=3"]}  # other every-stage arguments
+    assert Pipeline(tmp_path, extra=other).world().config == replace(WorldConfig(), seed=3)
     with pytest.raises(ValueError, match="no_such"):
         Pipeline(tmp_path, extra={"world": ["--data.world.no_such=1"]}).world()
+
+
+def test_the_benchmark_collects_from_every_compared_algorithm(tmp_path):
+    from benchmarks.safety_compensation import cli as bench_cli
+    from benchmarks.safety_compensation.tasks import Benchmark, plan
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def train_rounds(self, algorithms, rounds, test=True):
+            self.calls.append((algorithms, rounds, test))
+
+    bench = Benchmark(tmp_path, tmp_path, [0], 0, 1, 0.02, [], [0], ["gae"], [0], "gae", 1, preference_rounds=2)
+    pipes = {0: Recorder()}
+    (task,) = [t for t in plan(bench, pipes) if t.name == "models/0"]
+    task.run({})
+    assert pipes[0].calls == [(["ppo", "ppo_lag", "repo"], 2, False)]
+    with pytest.raises(SystemExit, match="preference-rounds must be >= 1"):
+        bench_cli.main(["--out", str(tmp_path / "b"), "--preference-rounds", "0"])

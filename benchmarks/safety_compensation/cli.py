@@ -124,6 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-tests", action="store_true", help="also test the reward and cost models on held-out pairs"
     )
     parser.add_argument(
+        "--preference-rounds",
+        type=int,
+        default=1,
+        help="reward/cost training rounds; each after the first adds pairs of ppo's, ppo_lag's and repo's own "
+        "answers on the training prompts (docs/safetyworld.md, 'Preference rounds'; default: %(default)s)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="only rewrite results.md and the plots from --out/results.json"
     )
     parser.add_argument(
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{flag} must be among --seeds")
     if search_seed not in args.seeds:
         raise SystemExit("--search-seed must be among --seeds")
+    if args.preference_rounds < 1:
+        raise SystemExit(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
 
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise SystemExit(f"{out} exists and was not written by this benchmark; choose another --out")
@@ -215,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         jobs=args.jobs,
         model_tests=args.model_tests,
         stage_extra=stage_arguments(args),
+        preference_rounds=args.preference_rounds,
     )
     settings = {
         "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
@@ -231,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         "estimators": bench.estimators,
         "base_estimator": base_estimator,
         "estimator_seeds": bench.estimator_seeds,
+        "preference_rounds": args.preference_rounds,
         "world_overrides": args.world,
         "world": world,
         "stage_extra": bench.stage_extra,

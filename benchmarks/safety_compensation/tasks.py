@@ -94,6 +94,7 @@ class Benchmark:
     jobs: int
     model_tests: bool = False
     stage_extra: dict[str, list[str]] = field(default_factory=dict)
+    preference_rounds: int = 1
 
     def pipeline(self, seed: int) -> MeasuredPipeline:
         """The seed's pipeline: run folder ``<out>/runs/seed<k>``, the stage extras, validation at the end of fit."""
@@ -141,7 +142,9 @@ def plan(bench: Benchmark, pipes: dict[int, MeasuredPipeline]) -> list[Task]:
     s0 = bench.search_seed
 
     def models(seed: int) -> Callable[[dict], None]:
-        return lambda _: pipes[seed].train_models(test=bench.model_tests)
+        # With preference rounds, every compared algorithm's default config collects answers (the same models
+        # for all of them afterwards: repo_lightning.pipeline.Pipeline.train_rounds).
+        return lambda _: pipes[seed].train_rounds(["ppo", *CONSTRAINED], bench.preference_rounds, bench.model_tests)
 
     def sft(seed: int) -> Callable[[dict], dict]:
         return lambda _: {"name": "sft", "evaluation": str(pipes[seed].evaluate_start())}
