@@ -34,11 +34,19 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pipeline(root: Path, seed: int, threads: int, config_dir: str) -> float:
+def run_pipeline(root: Path, seed: int, threads: int, config_dir: str, preference_rounds: int = 1) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "repo_lightning.pipeline", "--root", str(root), "--seed", str(seed)]
-    command += ["--config-dir", config_dir, "--algorithms", "ppo", "repo"]
+    command += [
+        "--config-dir",
+        config_dir,
+        "--algorithms",
+        "ppo",
+        "repo",
+        "--preference-rounds",
+        str(preference_rounds),
+    ]
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pipeline.out").open("w") as log:
@@ -105,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="lightning_logs/robustness", help="run folders (default: %(default)s)")
     parser.add_argument("--config-dir", default="configs/demo")
     parser.add_argument("--jobs", type=int, default=2, help="pipelines at a time (results do not depend on it)")
+    parser.add_argument(
+        "--preference-rounds", type=int, default=1, help="passed to the pipeline (docs/safetyworld.md; default 1)"
+    )
     parser.add_argument("--reuse", action="store_true", help="only read runs whose summary.json exists already")
     parser.add_argument("--max-unsafe", type=float, default=0.05)
     parser.add_argument("--min-hazard-reward", type=float, default=0.7)
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     def one(name: str) -> None:
         seed, threads = runs[name]
         if not (args.reuse and (out / name / "summary.json").exists()):
-            walls[name] = run_pipeline(out / name, seed, threads, args.config_dir)
+            walls[name] = run_pipeline(out / name, seed, threads, args.config_dir, args.preference_rounds)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {name: pool.submit(one, name) for name in runs}
