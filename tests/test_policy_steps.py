@@ -72,6 +72,25 @@ def test_constraint_statistics():
         PPO().statistic(costs, 2)
 
 
+def test_unsafe_prompt_rate_counts_prompts_with_any_unsafe_sample():
+    # k = 2: prompts (-1, 3) and (-1, -1): one of two prompts has an unsafe sample -> 0.5 - 0.05, whatever rectify
+    costs = torch.tensor([-1.0, 3.0, -1.0, -1.0])
+    for rectify in ("sample", "prompt"):
+        goal = RePO(constraint="unsafe_prompt_rate", target_unsafe_rate=0.05, rectify=rectify)
+        assert abs(float(goal.statistic(costs, 2)) - 0.45) < 1e-7
+    # k = 4 per prompt, one unsafe sample each in 1 of 2 prompts: per-sample 1/8, per-prompt 1/2
+    costs = torch.tensor([-1.0, -1.0, 0.5, -1.0, -1.0, -1.0, -1.0, -1.0])
+    assert abs(float(RePO(target_unsafe_rate=0.0).statistic(costs, 4)) - 0.125) < 1e-7
+    assert abs(float(RePO(constraint="unsafe_prompt_rate", target_unsafe_rate=0.0).statistic(costs, 4)) - 0.5) < 1e-7
+    # with the margin: C + 1 > 0 on every sample of the first prompt only
+    costs = torch.tensor([-0.5, -0.9, -1.5, -2.0])
+    goal = RePO(constraint="unsafe_prompt_rate", target_unsafe_rate=0.0, safety_margin=1.0)
+    assert abs(float(goal.statistic(costs, 2)) - 0.5) < 1e-7
+    assert goal.constraint_level() == {"target_unsafe_rate": 0.0}
+    with pytest.raises(ConfigError, match="unsafe_prompt_rate"):
+        RePO(constraint="unsafe_share")
+
+
 def test_safety_margin_counts_answers_near_the_boundary_as_unsafe():
     costs = torch.tensor([-0.5, 0.3, -1.5, 0.0])
     goal = RePO(safety_margin=1.0, target_unsafe_rate=0.25)

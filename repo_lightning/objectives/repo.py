@@ -31,8 +31,12 @@ class RePO(Objective):
         rectify: The unsafe test per ``sample`` (``C > 0``) or per ``prompt`` (``mean_k C > 0``; then every
             sample of an unsafe prompt keeps its own cost, gated by the prompt).
         constraint: ``unsafe_rate`` (share of unsafe samples, or prompts with ``rectify: prompt``, minus
-            ``target_unsafe_rate``) or ``rectified_cost`` (the paper's ``mean({C}^+) - tolerance``).
-        target_unsafe_rate: Unsafe share the ``unsafe_rate`` constraint tolerates, in ``[0, 1)``.
+            ``target_unsafe_rate``), ``unsafe_prompt_rate`` (share of prompts with *any* unsafe sample minus
+            ``target_unsafe_rate``: the per-prompt rate that evaluation reports, whatever ``rectify``; with ``k``
+            samples a per-sample rate ``r`` lets about ``1 - (1 - r)^k`` of prompts have an unsafe answer) or
+            ``rectified_cost`` (the paper's ``mean({C}^+) - tolerance``).
+        target_unsafe_rate: Unsafe share the ``unsafe_rate`` / ``unsafe_prompt_rate`` constraint tolerates, in
+            ``[0, 1)``.
         tolerance: Allowed ``mean({C}^+)`` of the ``rectified_cost`` constraint, ``>= 0``.
         normalize_advantage_mix: Keep the ``1 / (1 + lam)`` factor on the mixed samples.
         cost_kl_coef: ``beta_c``; ``None`` gives every sample the KL weight ``beta``.
@@ -57,7 +61,7 @@ class RePO(Objective):
     def __init__(
         self,
         rectify: Literal["sample", "prompt"] = "sample",
-        constraint: Literal["unsafe_rate", "rectified_cost"] = "unsafe_rate",
+        constraint: Literal["unsafe_rate", "unsafe_prompt_rate", "rectified_cost"] = "unsafe_rate",
         target_unsafe_rate: float = 0.02,
         tolerance: float = 0.0,
         normalize_advantage_mix: bool = True,
@@ -69,10 +73,10 @@ class RePO(Objective):
             raise ConfigError(
                 f"model.init_args.objective.init_args.rectify must be 'sample' or 'prompt', got {rectify!r}"
             )
-        if constraint not in ("unsafe_rate", "rectified_cost"):
+        if constraint not in ("unsafe_rate", "unsafe_prompt_rate", "rectified_cost"):
             raise ConfigError(
-                "model.init_args.objective.init_args.constraint must be 'unsafe_rate' or 'rectified_cost', "
-                f"got {constraint!r}"
+                "model.init_args.objective.init_args.constraint must be 'unsafe_rate', 'unsafe_prompt_rate' or "
+                f"'rectified_cost', got {constraint!r}"
             )
         if not 0.0 <= target_unsafe_rate < 1.0:
             raise ConfigError(
@@ -111,9 +115,13 @@ class RePO(Objective):
     def statistic(self, costs: Tensor, samples_per_prompt: int) -> Tensor:
         """Unsafe share minus the target, or ``mean({C}^+) - tolerance``, of ``C + safety_margin``.
 
-        Per prompt (the mean of its samples' costs) with ``rectify: prompt``.
+        ``unsafe_prompt_rate``: the share of prompts with any sample unsafe. Otherwise per sample, or per prompt (the
+        mean of its samples' costs) with ``rectify: prompt``.
         """
         costs = costs.float() + self.safety_margin
+        if self.constraint == "unsafe_prompt_rate":
+            unsafe = (costs.view(-1, samples_per_prompt, *costs.shape[1:]) > 0).any(dim=1).float()
+            return unsafe.mean(dim=0) - self.target_unsafe_rate
         if self.rectify == "prompt":
             costs = costs.view(-1, samples_per_prompt).mean(1)
         if self.constraint == "unsafe_rate":
@@ -122,6 +130,6 @@ class RePO(Objective):
 
     def constraint_level(self) -> dict[str, float]:
         """The target unsafe share or the tolerance."""
-        if self.constraint == "unsafe_rate":
+        if self.constraint in ("unsafe_rate", "unsafe_prompt_rate"):
             return {"target_unsafe_rate": self.target_unsafe_rate}
         return {"tolerance": self.tolerance}
