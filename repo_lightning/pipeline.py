@@ -331,9 +331,9 @@ class Pipeline:
             for events in sorted((self.root / "logs" / f"{tag}{stage}_test").rglob("events.out.tfevents.*")):
                 accumulator = EventAccumulator(str(events))
                 accumulator.Reload()
-                for tag in accumulator.Tags()["scalars"]:
-                    if tag.startswith("test/"):
-                        found.setdefault(stage, {})[tag] = accumulator.Scalars(tag)[-1].value
+                for name in accumulator.Tags()["scalars"]:
+                    if name.startswith("test/"):
+                        found.setdefault(stage, {})[name] = accumulator.Scalars(name)[-1].value
         return found
 
     def summary(self, evaluations: dict[str, Path]) -> str:

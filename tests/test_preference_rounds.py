@@ -159,3 +159,27 @@ def test_the_benchmark_collects_from_every_compared_algorithm(tmp_path):
     assert pipes[0].calls == [(["ppo", "ppo_lag", "repo"], 2, False)]
     with pytest.raises(SystemExit, match="preference-rounds must be >= 1"):
         bench_cli.main(["--out", str(tmp_path / "b"), "--preference-rounds", "0"])
+
+
+def test_score_model_tests_reads_reward_and_cost_of_a_round(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for run, value in (
+        ("reward_test", 0.8),
+        ("cost_test", 0.9),
+        ("round1_reward_test", 0.6),
+        ("round1_cost_test", 0.7),
+    ):
+        writer = SummaryWriter(str(tmp_path / "logs" / run / "version_0"))
+        writer.add_scalar("test/oracle_accuracy", value, 0)
+        writer.add_scalar("train/loss", 1.0, 0)
+        writer.close()
+    pipeline = Pipeline(tmp_path)
+    assert pipeline.score_model_tests() == {
+        "reward": {"test/oracle_accuracy": pytest.approx(0.8)},
+        "cost": {"test/oracle_accuracy": pytest.approx(0.9)},
+    }
+    assert pipeline.score_model_tests("round1_") == {
+        "reward": {"test/oracle_accuracy": pytest.approx(0.6)},
+        "cost": {"test/oracle_accuracy": pytest.approx(0.7)},
+    }
