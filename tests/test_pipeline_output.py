@@ -47,6 +47,20 @@ if "--data.extra_train_files" in args:
 """
 
 
+#: The stages after SFT (and after any collection round) of ``--algorithms ppo_lag repo``.
+FINAL_ROUND_STAGES = [
+    "fit_reward",
+    "test_reward",
+    "fit_cost",
+    "test_cost",
+    "eval_sft",
+    "fit_ppo_lag",
+    "eval_ppo_lag",
+    "fit_repo",
+    "eval_repo",
+]
+
+
 @pytest.fixture
 def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script = tmp_path / "fake_stage.py"
@@ -62,18 +76,7 @@ def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys
     lines = out.splitlines()
     assert len(lines) <= 60
     stage_lines = [line for line in lines if line.startswith("[")]
-    assert [line.split()[1] for line in stage_lines] == [
-        "fit_sft",
-        "fit_reward",
-        "test_reward",
-        "fit_cost",
-        "test_cost",
-        "eval_sft",
-        "fit_ppo_lag",
-        "eval_ppo_lag",
-        "fit_repo",
-        "eval_repo",
-    ]
+    assert [line.split()[1] for line in stage_lines] == ["fit_sft", *FINAL_ROUND_STAGES]
     assert all(line.startswith(f"[{i}/10]") and " done " in line for i, line in enumerate(stage_lines, 1))
     assert "noise" not in out
     assert "| metric | sft | ppo_lag | repo |" in out and "| true_unsafe_response_rate |" in out
@@ -95,15 +98,7 @@ def test_two_rounds_train_the_final_models_on_pairs_of_the_collectors_answers(fa
         "sample_round1_ppo_lag",
         "fit_round1_repo",
         "sample_round1_repo",
-        "fit_reward",
-        "test_reward",
-        "fit_cost",
-        "test_cost",
-        "eval_sft",
-        "fit_ppo_lag",
-        "eval_ppo_lag",
-        "fit_repo",
-        "eval_repo",
+        *FINAL_ROUND_STAGES,
     ]
     assert all(line.startswith(f"[{i}/16]") for i, line in enumerate(stage_lines, 1))
     logs = fake_stages / "logs"
