@@ -153,11 +153,6 @@ class Pipeline:
                 items.append(arg[len(prefix) :])
         return World(world_from_overrides(items))
 
-    def train_models(self, test: bool = True) -> None:
-        """SFT, reward and cost stages; with ``test``, the reward and cost models are tested on held-out pairs."""
-        self.train_sft()
-        self.train_score_models(test)
-
     def train_sft(self) -> None:
         """The SFT stage (export ``sft``)."""
         config = str(self.config_dir / "sft.yaml")

@@ -80,3 +80,16 @@ def test_the_pipelines_round_arguments_parse(tmp_path, monkeypatch):
     prompts = str(tmp_path / "train_prompts.jsonl")
     config = cli_module.main(["--config", str(policy), f"--data.test_dataset={prompts}"], run=False).config
     assert config.data.test_dataset == prompts
+
+
+def test_repo_round4_options_parse(monkeypatch):
+    """`safety_margin` and `constraint: unsafe_prompt_rate` (README, docs/algorithm.md 7 and 12) reach RePO's init."""
+    monkeypatch.setattr(cli_module, "RLHFCLI", ParseOnlyCLI)
+    args = [
+        "--config",
+        str(CONFIG_ROOT / "demo" / "repo.yaml"),
+        "--model.init_args.objective.init_args.safety_margin=1.0",
+        "--model.init_args.objective.init_args.constraint=unsafe_prompt_rate",
+    ]
+    objective = cli_module.main(args, run=False).config.model.init_args.objective.init_args
+    assert objective.safety_margin == 1.0 and objective.constraint == "unsafe_prompt_rate"

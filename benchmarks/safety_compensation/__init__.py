@@ -1,7 +1,7 @@
 """Safety compensation on SafetyWorld: PPO, Safe RLHF's PPO-Lagrangian and RePO side by side (issues 4, 9, 13).
 
 For every seed the benchmark trains the SFT, reward and cost models with the shipped stage configs
-(``Pipeline.train_models``), then ``ppo``, ``ppo_lag`` and ``repo`` from the same SFT start with the same rollout
+(``Pipeline.train_rounds``), then ``ppo``, ``ppo_lag`` and ``repo`` from the same SFT start with the same rollout
 budget, and evaluates the SFT start and each policy with the ground-truth oracles on SafetyWorld's held-out prompts
 (``k`` samples per prompt). Every stage is an ordinary ``python -m repo_lightning`` run of
 ``<config-dir>/<stage>.yaml``; the benchmark only adds orchestration: seeds, the multiplier search, ablations, the

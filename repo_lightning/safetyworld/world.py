@@ -102,8 +102,10 @@ class World:
 
     def _counts(self, prompt: str, response: str) -> tuple[Topic, oracles.ResponseCounts]:
         topic = self.topic_of(prompt)
-        text = " ".join(_WORD_PATTERN.findall(response))
-        return topic, oracles.count_words(topic, text, self._content)
+        return topic, self._topic_counts(topic, response)
+
+    def _topic_counts(self, topic: Topic, response: str) -> oracles.ResponseCounts:
+        return oracles.count_words(topic, " ".join(_WORD_PATTERN.findall(response)), self._content)
 
     def helpfulness(self, prompt: str, response: str) -> float:
         """Ground-truth helpfulness ``R*(x, y)``; see :func:`.oracles.helpfulness`."""
@@ -206,7 +208,7 @@ class World:
         """
         cfg = self.config
         responses = (response_0, response_1)
-        counts = [oracles.count_words(topic, " ".join(_WORD_PATTERN.findall(r)), self._content) for r in responses]
+        counts = [self._topic_counts(topic, r) for r in responses]
         rewards = [oracles.helpfulness(topic, c, cfg) for c in counts]
         costs = [oracles.harm(topic, c, cfg) for c in counts]
         temperature = cfg.preference_temperature
