@@ -344,6 +344,15 @@ CASES: list[tuple[str, str, Setup, str]] = [
         lambda t, e: [f"--data.dataset={_write(t / 'prompts.jsonl', '[1, 2]')}"],
         "{tmp}/prompts.jsonl: row 0: expected an object with named fields",
     ),
+    (
+        "oracle-scores-without-ground-truth",
+        "policy",
+        lambda t, e: [
+            f"--data.dataset={_jsonl(t / 'prompts.jsonl', [{'prompt': 'how do i help ?'}])}",
+            "--model.init_args.scoring.reward_source=oracle",
+        ],
+        "model.init_args.scoring.reward_source: oracle needs data with ground truth (data.dataset: safetyworld)",
+    ),
     # --- models with NaN weights: stopped before any step, checkpoint or export
     (
         "nan-start-model",

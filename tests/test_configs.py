@@ -93,3 +93,18 @@ def test_repo_round4_options_parse(monkeypatch):
     ]
     objective = cli_module.main(args, run=False).config.model.init_args.objective.init_args
     assert objective.safety_margin == 1.0 and objective.constraint == "unsafe_prompt_rate"
+
+
+def test_repo_round5_options_parse(monkeypatch):
+    """`penalty` and the oracle `scoring` sources (README, docs/algorithm.md 13) parse from the command line."""
+    monkeypatch.setattr(cli_module, "RLHFCLI", ParseOnlyCLI)
+    args = [
+        "--config",
+        str(CONFIG_ROOT / "demo" / "repo.yaml"),
+        "--model.init_args.objective.init_args.penalty=indicator",
+        "--model.init_args.scoring.reward_source=oracle",
+        "--model.init_args.scoring.cost_source=oracle",
+    ]
+    init = cli_module.main(args, run=False).config.model.init_args
+    assert init.objective.init_args.penalty == "indicator"
+    assert init.scoring.reward_source == "oracle" and init.scoring.cost_source == "oracle"

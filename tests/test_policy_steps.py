@@ -111,6 +111,31 @@ def test_safety_margin_counts_answers_near_the_boundary_as_unsafe():
         RePO(safety_margin=-0.1)
 
 
+def test_penalty_shapes_what_an_unsafe_sample_pays():
+    costs = torch.tensor([0.1, 2.0, -0.5, 0.0])
+    # the paper: {C}^+, so the barely unsafe 0.1 pays a twentieth of the 2.0
+    signal, unsafe = RePO().cost_signal(costs, 2)
+    assert torch.allclose(signal, torch.tensor([0.1, 2.0, 0.0, 0.0])) and unsafe.tolist() == [True, True, False, False]
+    # indicator: every violation pays 1, safe samples (C <= 0) nothing
+    signal, unsafe = RePO(penalty="indicator").cost_signal(costs, 2)
+    assert torch.equal(signal, torch.tensor([1.0, 1.0, 0.0, 0.0])) and unsafe.tolist() == [True, True, False, False]
+    # rectified_step: {C}^+ + 1[C > 0]
+    assert torch.allclose(RePO(penalty="rectified_step").cost_signal(costs, 2)[0], torch.tensor([1.1, 3.0, 0.0, 0.0]))
+    # with the margin m = 1 the step moves to C > -1: [1, 1, 1, 1] and 1 + {C + 1}^+ = [2.1, 4.0, 1.5, 2.0]
+    assert torch.equal(RePO(penalty="indicator", safety_margin=1.0).cost_signal(costs, 2)[0], torch.ones(4))
+    signal = RePO(penalty="rectified_step", safety_margin=1.0).cost_signal(costs, 2)[0]
+    assert torch.allclose(signal, torch.tensor([2.1, 4.0, 1.5, 2.0]))
+    # per prompt: means [1.05, -0.25]: only the first prompt is gated, each of its samples pays its own step
+    costs = torch.tensor([-0.1, 2.2, 0.3, -0.8])
+    signal, unsafe = RePO(penalty="indicator", rectify="prompt").cost_signal(costs, 2)
+    assert torch.equal(signal, torch.tensor([0.0, 1.0, 0.0, 0.0])) and unsafe.tolist() == [True, True, False, False]
+    # the dual statistic does not depend on the penalty
+    for penalty in ("rectified", "indicator", "rectified_step"):
+        assert abs(float(RePO(penalty=penalty, target_unsafe_rate=0.25).statistic(costs, 2)) - 0.25) < 1e-7
+    with pytest.raises(ConfigError, match="penalty must be 'rectified', 'indicator' or 'rectified_step'"):
+        RePO(penalty="hinge")
+
+
 def test_cost_kl_default_gives_every_algorithm_the_same_kl_weight():
     assert RePO(normalize_advantage_mix=False).cost_stream_kl_coef(0.1) == 0.0
     assert PPOLagrangian(normalize_advantage_mix=True).cost_stream_kl_coef(0.1) == 0.1

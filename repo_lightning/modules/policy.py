@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from repo_lightning.data.records import PromptBatch
+from repo_lightning.errors import ConfigError
 from repo_lightning.evaluation import PromptResult, summarize
 from repo_lightning.finite_guard import (
     FiniteGuard,
@@ -190,6 +191,12 @@ class PolicyModule(L.LightningModule):
         self.reward_model = m.reward_scorer.model
         self.cost_model = m.cost_scorer.model if m.cost_scorer is not None else None
         self.reward_critic, self.cost_critic = m.reward_critic, m.cost_critic
+        oracle_keys = [k for k in ("reward_source", "cost_source") if getattr(self.scoring, k) == "oracle"]
+        if oracle_keys and self._oracle() is None:
+            raise ConfigError(
+                f"model.init_args.scoring.{oracle_keys[0]}: oracle needs data with ground truth "
+                "(data.dataset: safetyworld); this data module has no oracle"
+            )
 
     def train(self, mode: bool = True) -> PolicyModule:
         """Switch train/eval mode, keeping the frozen models in eval mode always."""
@@ -227,6 +234,8 @@ class PolicyModule(L.LightningModule):
             with_values,
             self.memory.scoring_batch_size,
             synced_gpus=self._sharded,
+            scoring=self.scoring,
+            oracle=self._oracle(),
         )
 
     def _seed_iteration(self, salt: int = 0) -> None:

@@ -216,10 +216,18 @@ class Scoring:
             ``mean_plus_std`` (``mean + cost_kappa * std`` across heads: conservative where the heads disagree) or
             ``max`` (worst case). A one-head cost model is used as it is.
         cost_kappa: Weight of the heads' spread for ``mean_plus_std``, ``>= 0``.
+        reward_source: ``model`` (the reward model) or ``oracle``: the data's ground-truth helpfulness ``R*``
+            (SafetyWorld only). A diagnostic, not a training method: with the oracle the policy stage shows what
+            the objective reaches when the score model is perfect, so a shortfall can be put on the objective or
+            on the learned model (docs/algorithm.md section 13). Evaluation then reports the oracle's scores in the
+            learned-model columns too.
+        cost_source: The same for the cost (``C*``).
     """
 
     cost_aggregate: Literal["mean", "mean_plus_std", "max"] = "mean"
     cost_kappa: float = 1.0
+    reward_source: Literal["model", "oracle"] = "model"
+    cost_source: Literal["model", "oracle"] = "model"
 
     def __post_init__(self) -> None:
         if self.cost_aggregate not in ("mean", "mean_plus_std", "max"):
@@ -228,6 +236,9 @@ class Scoring:
                 f"got {self.cost_aggregate!r}"
             )
         _at_least("scoring", "cost_kappa", self.cost_kappa, 0.0)
+        for key in ("reward_source", "cost_source"):
+            if getattr(self, key) not in ("model", "oracle"):
+                raise ConfigError(f"model.init_args.scoring.{key} must be model or oracle, got {getattr(self, key)!r}")
 
 
 Group = TypeVar("Group", Sampling, Estimation, PPOUpdate, Evaluation, Memory, Scoring)

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.models.backbone import position_ids_from_mask, token_scores
 from repo_lightning.models.scorer import aggregate_heads, decode_responses, score_samples
-from repo_lightning.modules.policy_config import Sampling
+from repo_lightning.modules.policy_config import Sampling, Scoring
 from repo_lightning.modules.policy_models import PolicyModels
 from repo_lightning.rl.losses import logprobs_from_logits
 
@@ -187,6 +187,12 @@ def response_values(critic: PreTrainedModel, sequences: Tensor, attention_mask: 
     return values[:, prompt_length - 1 : -1]
 
 
+def oracle_scores(score, prompts: list[str], responses: list[str], device: torch.device) -> Tensor:
+    """``[N]`` float32 ground-truth scores ``score(prompt, response)`` (an oracle's ``helpfulness`` or ``harm``)."""
+    values = [float(score(prompt, response)) for prompt, response in zip(prompts, responses, strict=True)]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 @torch.no_grad()
 def collect_rollout(
     models: PolicyModels,
@@ -197,6 +203,8 @@ def collect_rollout(
     with_values: bool = True,
     scoring_batch_size: int | None = None,
     synced_gpus: bool = False,
+    scoring: Scoring | None = None,
+    oracle=None,
 ) -> Rollout:
     """Sample ``k`` responses per prompt and record log-probs, values and scores (algorithm.md 5.1).
 
@@ -210,7 +218,12 @@ def collect_rollout(
         with_values: Also read the critics' values (training needs them, evaluation does not).
         scoring_batch_size: Rows per forward pass of the frozen scorers (``None``: all at once).
         synced_gpus: The actor is sharded: every rank keeps stepping ``generate`` until all have finished.
+        scoring: Where rewards and costs come from (``reward_source`` / ``cost_source``: the frozen models or the
+            oracle); ``None``: the models.
+        oracle: The data's ground truth (``helpfulness(prompt, response)``, ``harm(prompt, response)``); needed
+            only for an ``oracle`` source.
     """
+    scoring = scoring or Scoring()
     tok = models.tokenizer
     input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
     attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
@@ -234,10 +247,15 @@ def collect_rollout(
     if logprobs is None:  # one more no-grad forward pass of the actor (sampling.logprobs_from_generation: off)
         logprobs = response_logprobs(models.actor, sequences, full_mask, prompt_length)
     ref_logprobs = response_logprobs(models.ref_model, sequences, full_mask, prompt_length)
-    rewards = score_samples(models.reward_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
-    rewards = aggregate_heads(rewards, "mean")
+    if scoring.reward_source == "oracle":
+        rewards = oracle_scores(oracle.helpfulness, prompts, responses, sequences.device)
+    else:
+        rewards = score_samples(models.reward_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
+        rewards = aggregate_heads(rewards, "mean")
     costs = cost_spread = None
-    if models.cost_scorer is not None:
+    if models.cost_scorer is not None and scoring.cost_source == "oracle":
+        costs = oracle_scores(oracle.harm, prompts, responses, sequences.device)
+    elif models.cost_scorer is not None:
         costs = score_samples(models.cost_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
         if costs.dim() == 2:
             cost_spread = costs.std(1)

@@ -52,6 +52,12 @@ class RePO(Objective):
             ``C > -m``. A conservative cost: it moves the policy's safe region away from the cost model's decision
             boundary, where a learned model errs most on the answers RL finds (docs/algorithm.md 12). ``0`` is the
             paper's ``C > 0``. Evaluation still reports the model's own ``C > 0`` judgement and the oracles'.
+        penalty: What an unsafe sample pays, times lam: ``rectified`` (the paper: ``{C}^+``, so a barely unsafe
+            answer pays almost nothing), ``indicator`` (``1[C > 0]``: every violation pays the same, the per-sample
+            penalty of the Lagrangian of the ``unsafe_rate`` constraint, on the same ``[0, 1]`` scale for every
+            cost model) or ``rectified_step`` (``{C}^+ + 1[C > 0]``: a unit step at the boundary plus the paper's
+            slope beyond it). With ``rectify: prompt`` the step is the sample's own ``C > 0``, gated by the prompt.
+            docs/algorithm.md section 13.
     """
 
     name = "repo"
@@ -68,6 +74,7 @@ class RePO(Objective):
         cost_kl_coef: float | None = None,
         mix: Literal["unsafe", "all"] = "unsafe",
         safety_margin: float = 0.0,
+        penalty: Literal["rectified", "indicator", "rectified_step"] = "rectified",
     ) -> None:
         if rectify not in ("sample", "prompt"):
             raise ConfigError(
@@ -86,6 +93,11 @@ class RePO(Objective):
             raise ConfigError(f"model.init_args.objective.init_args.tolerance must be >= 0, got {tolerance}")
         if not safety_margin >= 0.0:
             raise ConfigError(f"model.init_args.objective.init_args.safety_margin must be >= 0, got {safety_margin}")
+        if penalty not in ("rectified", "indicator", "rectified_step"):
+            raise ConfigError(
+                "model.init_args.objective.init_args.penalty must be 'rectified', 'indicator' or 'rectified_step', "
+                f"got {penalty!r}"
+            )
         if mix not in ("unsafe", "all"):
             raise ConfigError(f"model.init_args.objective.init_args.mix must be 'unsafe' or 'all', got {mix!r}")
         self.mix = mix
@@ -96,10 +108,20 @@ class RePO(Objective):
         self.normalize_advantage_mix = normalize_advantage_mix
         self.cost_kl_coef = cost_kl_coef
         self.safety_margin = safety_margin
+        self.penalty = penalty
 
     def cost_signal(self, costs: Tensor, samples_per_prompt: int) -> tuple[Tensor, Tensor | None]:
-        """``({C + m}^+, C + m > 0)`` per sample, or the prompt-gated own costs (see :func:`rectified_costs`)."""
-        return rectified_costs(costs + self.safety_margin, samples_per_prompt, self.rectify)
+        """``({C + m}^+, C + m > 0)`` per sample, or the prompt-gated own costs (see :func:`rectified_costs`).
+
+        With ``penalty: indicator`` the signal is the sample's own ``1[C + m > 0]`` (gated like the rectified one);
+        with ``rectified_step`` that step is added to the rectified signal.
+        """
+        shifted = costs + self.safety_margin
+        signal, unsafe = rectified_costs(shifted, samples_per_prompt, self.rectify)
+        if self.penalty == "rectified":
+            return signal, unsafe
+        step = ((shifted > 0) & unsafe).to(signal.dtype)
+        return (step if self.penalty == "indicator" else signal + step), unsafe
 
     def cost_stream_kl_coef(self, kl_coef: float) -> float:
         """See :func:`matched_cost_kl_coef`."""
