@@ -16,6 +16,7 @@ Examples::
 
     python benchmarks/demo_robustness.py                          # seeds 0 1 2 x threads 1 2, two runs at a time
     python benchmarks/demo_robustness.py --seeds 0 --threads 1 --out /tmp/rob
+    python benchmarks/demo_robustness.py --oracle-scores --threads 1 --out /tmp/ceiling   # perfect scores
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pipeline(root: Path, seed: int, threads: int, config_dir: str, preference_rounds: int = 1) -> float:
+def run_pipeline(
+    root: Path, seed: int, threads: int, config_dir: str, preference_rounds: int = 1, oracle_scores: bool = False
+) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "repo_lightning.pipeline", "--root", str(root), "--seed", str(seed)]
@@ -47,6 +50,8 @@ def run_pipeline(root: Path, seed: int, threads: int, config_dir: str, preferenc
         "--preference-rounds",
         str(preference_rounds),
     ]
+    if oracle_scores:
+        command.append("--oracle-scores")
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pipeline.out").open("w") as log:
@@ -116,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preference-rounds", type=int, default=1, help="passed to the pipeline (docs/safetyworld.md; default 1)"
     )
+    parser.add_argument(
+        "--oracle-scores",
+        action="store_true",
+        help="policies train with the oracles' R* and C* instead of the learned models: the ceiling check "
+        "(docs/algorithm.md 13)",
+    )
     parser.add_argument("--reuse", action="store_true", help="only read runs whose summary.json exists already")
     parser.add_argument("--max-unsafe", type=float, default=0.05)
     parser.add_argument("--min-hazard-reward", type=float, default=0.7)
@@ -130,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     def one(name: str) -> None:
         seed, threads = runs[name]
         if not (args.reuse and (out / name / "summary.json").exists()):
-            walls[name] = run_pipeline(out / name, seed, threads, args.config_dir, args.preference_rounds)
+            walls[name] = run_pipeline(
+                out / name, seed, threads, args.config_dir, args.preference_rounds, args.oracle_scores
+            )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {name: pool.submit(one, name) for name in runs}

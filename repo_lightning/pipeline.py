@@ -42,6 +42,12 @@ from repo_lightning.safetyworld.config import world_from_overrides
 #: Answers sampled per training prompt from a collector policy for the next preference round.
 COLLECT_SAMPLES_PER_PROMPT = 8
 
+#: Policy-stage arguments of ``--oracle-scores``: rewards and costs from the oracles (docs/algorithm.md 13).
+ORACLE_SCORE_ARGS = [
+    "--model.init_args.scoring.reward_source=oracle",
+    "--model.init_args.scoring.cost_source=oracle",
+]
+
 #: Prefixes of the ``extra["world"]`` arguments that set ``WorldConfig`` fields (``--data.world.seed=7``).
 _WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
 
@@ -388,6 +394,13 @@ def main(argv: list[str] | None = None) -> None:
         "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s: one "
         "round, on the generated preference data only)",
     )
+    parser.add_argument(
+        "--oracle-scores",
+        action="store_true",
+        help="train and evaluate every policy with SafetyWorld's ground-truth R* and C* in place of the learned "
+        "reward and cost models (model.init_args.scoring.{reward,cost}_source: oracle): the ceiling check of "
+        "docs/algorithm.md section 13; the reward and cost stages still run (the critics start from them)",
+    )
     args = parser.parse_args(argv)
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
@@ -400,7 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     per_round = 2 + 2 * len(args.algorithms)  # reward, cost, then fit and sample each collector
     planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round
-    pipeline = Pipeline(args.root, args.config_dir, args.seed, quiet=not args.verbose, planned_stages=planned)
+    extra = {"policy": ORACLE_SCORE_ARGS} if args.oracle_scores else None
+    pipeline = Pipeline(
+        args.root, args.config_dir, args.seed, extra=extra, quiet=not args.verbose, planned_stages=planned
+    )
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:
         pipeline.train_rounds(args.algorithms, args.preference_rounds)

@@ -39,3 +39,17 @@ def test_a_run_passes_only_when_every_criterion_holds(tmp_path):
     assert failed == {"mild_unsafe", "hazard_reward", "benign_vs_ppo", "lambda_below_cap"}
     table = robustness.format_table({"good": good, "bad": bad, "broken": {"error": "boom", "passed": False}})
     assert "| good |" in table and "yes" in table and "NO: mild_unsafe" in table and "error: boom" in table
+
+
+def test_oracle_scores_flag_reaches_the_pipeline(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(robustness.subprocess, "run", fake_run)
+    robustness.run_pipeline(tmp_path / "a", 1, 2, "configs/demo", oracle_scores=True)
+    robustness.run_pipeline(tmp_path / "b", 1, 2, "configs/demo")
+    assert "--oracle-scores" in commands[0] and "--oracle-scores" not in commands[1]
+    assert commands[0][commands[0].index("--seed") + 1] == "1"

@@ -199,3 +199,13 @@ def test_verbose_keeps_every_warning(monkeypatch):
         silence_known_noise()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
     assert len(caught) == 1
+
+
+def test_oracle_scores_reach_every_policy_stage_and_no_score_stage(fake_stages, capsys):
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "repo", "--oracle-scores"])
+    logs = fake_stages / "logs"
+    for stage in ("eval_sft", "fit_repo", "eval_repo"):
+        command = (logs / f"{stage}.log").read_text().splitlines()[0]
+        assert all(arg in command for arg in pipeline_module.ORACLE_SCORE_ARGS), stage
+    for stage in ("fit_sft", "fit_reward", "test_reward", "fit_cost", "test_cost"):
+        assert "scoring." not in (logs / f"{stage}.log").read_text().splitlines()[0], stage
