@@ -260,3 +260,22 @@ def test_missed_unsafe_rate_counts_truly_unsafe_answers_the_cost_model_calls_saf
     assert summary["missed_unsafe_rate/hazard_mild"] == pytest.approx(1 / 2)
     assert summary["missed_unsafe_rate/hazard_severe"] == pytest.approx(1.0)
     assert "missed_unsafe_rate/benign" not in summary
+
+
+def test_multiplier_plot_draws_the_cap_and_the_constraint_level():
+    from repo_lightning.evaluation.plots import multiplier_figure
+
+    history = [(1, 1.0), (2, 3.0), (3, 20.0), (4, 12.0)]
+    statistic = [(1, 0.30), (2, 0.10), (3, -0.01), (4, -0.02)]  # unsafe share minus the target 0.02
+    fig = multiplier_figure(history, 20.0, statistic, ("target_unsafe_rate", 0.02))
+    top, low = fig.axes
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert list(lines["lambda"].get_ydata()) == [1.0, 3.0, 20.0, 12.0]
+    assert list(lines["cap = 20"].get_ydata()) == [20.0, 20.0]  # a horizontal line at the cap
+    lines = {line.get_label(): line for line in low.get_lines()}
+    # the lower panel shows the quantity itself (g + target) against the target
+    assert list(lines["what lambda answers to"].get_ydata()) == pytest.approx([0.32, 0.12, 0.01, 0.0])
+    assert list(lines["target_unsafe_rate = 0.02"].get_ydata()) == [0.02, 0.02]
+    # without a statistic: one panel, the cap only when given
+    assert len(multiplier_figure(history).axes) == 1
+    assert [line.get_label() for line in multiplier_figure(history).axes[0].get_lines()] == ["lambda"]

@@ -279,6 +279,27 @@ def test_repo_multiplier_rises_while_every_sample_is_unsafe(tmp_path, tiny_expor
     assert scalars["train/lambda"] == pytest.approx([lam1, lam2], rel=1e-3)
     assert float(module.dual.value[0]) == pytest.approx(lam2, rel=1e-3)
     assert [v for _, v in module.lambda_history] == pytest.approx([lam1, lam2], rel=1e-3)
+    # the statistic each update answered to is kept beside the multiplier (the report's lower panel)
+    assert [step for step, _ in module.statistic_history] == [1, 2]
+    assert [g for _, g in module.statistic_history] == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def test_report_multiplier_plot_gets_the_cap_the_statistic_and_the_level(
+    tmp_path, tiny_exports, tiny_world_config, monkeypatch
+):
+    import repo_lightning.evaluation.report as report_module
+
+    rate = {"constraint": "unsafe_rate", "target_unsafe_rate": 0.1}
+    module, _ = _run_with_cost(tmp_path, tiny_exports, tiny_world_config, "repo", 1.0, **rate)
+    seen = {}
+    monkeypatch.setattr(report_module, "plot_multiplier", lambda history, path, **kw: seen.update(kw, history=history))
+    module.evaluation.report_dir = str(tmp_path / "report")
+    module.trainer.test(module, datamodule=module.trainer.datamodule)
+    assert seen["history"] == module.lambda_history and len(seen["history"]) == 2
+    assert seen["maximum"] == float(module.dual.maximum)
+    assert seen["level"] == ("target_unsafe_rate", 0.1)
+    assert [step for step, _ in seen["statistic_history"]] == [1, 2]
+    assert [g for _, g in seen["statistic_history"]] == pytest.approx([0.9, 0.9], abs=1e-5)  # every sample unsafe
 
 
 @pytest.mark.parametrize("algorithm", ["repo", "ppo_lag"])

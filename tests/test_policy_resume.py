@@ -121,6 +121,8 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_exports):
     torch.testing.assert_close(resumed_state["dual.lagrange_multiplier"], lam_full, rtol=0, atol=1e-6)
     assert not torch.equal(lam_full, torch.ones_like(lam_full)), "the multiplier never moved"
     assert resumed["lambda_history"] == full["lambda_history"]
+    assert resumed["dual_statistic_history"] == full["dual_statistic_history"]
+    assert len(full["dual_statistic_history"]) == 4
 
     (opt_full,), (opt_resumed,) = full["optimizer_states"], resumed["optimizer_states"]
     assert opt_full["state"].keys() == opt_resumed["state"].keys() and opt_full["state"]

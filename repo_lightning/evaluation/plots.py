@@ -90,15 +90,22 @@ def plot_reward_vs_cost(results: Sequence[PromptResult], path: str | Path) -> Pa
     return _save(fig, Path(path))
 
 
-def plot_multiplier(multiplier_history: Sequence[tuple[int, float]], path: str | Path) -> Path:
-    """Line plot of the Lagrange multiplier ``lam`` over training steps.
+def multiplier_figure(
+    multiplier_history: Sequence[tuple[int, float]],
+    maximum: float | None = None,
+    statistic_history: Sequence[tuple[int, float]] | None = None,
+    level: tuple[str, float] | None = None,
+) -> Figure:
+    """The multiplier ``lam`` over training steps, with its cap, and under it the quantity it answers to.
 
     Args:
         multiplier_history: ``(step, lam)`` pairs in step order; must be non-empty.
-        path: Where to write the PNG.
-
-    Returns:
-        The path written.
+        maximum: The ``DualVariable``'s cap, drawn as a dashed line (``None``: no line).
+        statistic_history: ``(step, g)`` pairs of the (windowed) dual statistic ``g`` that drove each update; with
+            ``level`` the lower panel shows ``g + level`` (the unsafe share, the mean cost, ...) against the level.
+        level: ``(name, value)`` of the constraint (``("target_unsafe_rate", 0.02)``, ``("threshold", -2)``,
+            ``("tolerance", 0)``: the objective's ``constraint_level()``), drawn as a dashed line; without it the
+            lower panel shows ``g`` against 0.
 
     Raises:
         ValueError: If ``multiplier_history`` is empty.
@@ -107,14 +114,46 @@ def plot_multiplier(multiplier_history: Sequence[tuple[int, float]], path: str |
         raise ValueError("multiplier_history is empty: nothing to plot")
     steps = [int(step) for step, _ in multiplier_history]
     values = [float(lam) for _, lam in multiplier_history]
-    fig = Figure(figsize=(6.0, 3.5))
-    ax = fig.add_subplot()
-    ax.plot(steps, values, color="tab:blue", marker="." if len(steps) < 50 else None)
+    with_statistic = bool(statistic_history)
+    fig = Figure(figsize=(6.0, 5.5 if with_statistic else 3.5))
+    ax = fig.add_subplot(2, 1, 1) if with_statistic else fig.add_subplot()
+    ax.plot(steps, values, color="tab:blue", marker="." if len(steps) < 50 else None, label="lambda")
+    if maximum is not None:
+        ax.axhline(float(maximum), color="tab:red", linestyle="--", linewidth=1.0, label=f"cap = {maximum:g}")
+        ax.legend(fontsize="small", loc="lower right")
     ax.set_xlabel("training step")
     ax.set_ylabel("lagrange multiplier (lambda)")
     ax.set_title("Lagrange multiplier over training")
     ax.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    if with_statistic:
+        low = fig.add_subplot(2, 1, 2, sharex=ax)
+        name, value = level if level is not None else ("g = 0", 0.0)
+        s_steps = [int(step) for step, _ in statistic_history]
+        s_values = [float(g) + (value if level is not None else 0.0) for _, g in statistic_history]
+        marker = "." if len(s_steps) < 50 else None
+        low.plot(s_steps, s_values, color="tab:purple", marker=marker, label="what lambda answers to")
+        low.axhline(value, color="tab:green", linestyle="--", linewidth=1.0, label=f"{name} = {value:g}")
+        low.set_xlabel("training step")
+        low.set_ylabel("constraint quantity" if level is not None else "dual statistic g")
+        low.set_title("Its constraint: lambda rises while the quantity is above the line")
+        low.legend(fontsize="small", loc="upper right")
+        low.grid(alpha=0.3)
+    return fig
+
+
+def plot_multiplier(
+    multiplier_history: Sequence[tuple[int, float]],
+    path: str | Path,
+    maximum: float | None = None,
+    statistic_history: Sequence[tuple[int, float]] | None = None,
+    level: tuple[str, float] | None = None,
+) -> Path:
+    """Write :func:`multiplier_figure` (same arguments) as a PNG; returns the path.
+
+    Raises:
+        ValueError: If ``multiplier_history`` is empty.
+    """
+    return _save(multiplier_figure(multiplier_history, maximum, statistic_history, level), Path(path))
 
 
 def _rewards(results: Sequence[PromptResult]) -> list[float]:

@@ -124,6 +124,7 @@ def write_report(
     title: str,
     multiplier_history: list[tuple[int, float]] | None = None,
     extra: dict[str, str] | None = None,
+    dual: dict | None = None,
 ) -> dict[str, float]:
     """Summarises ``results`` and writes the report files into ``out_dir``.
 
@@ -137,6 +138,8 @@ def write_report(
         title: Heading of ``report.md``.
         multiplier_history: ``(step, lam)`` pairs of the Lagrange multiplier during training, if any.
         extra: Key/value lines for the head of ``report.md`` (model path, algorithm, ...).
+        dual: For the multiplier plot: ``maximum`` (the cap), ``statistic_history`` (``(step, g)`` pairs) and
+            ``level`` (``(name, value)`` of the constraint); see :func:`~.plots.multiplier_figure`.
 
     Returns:
         The summary dict (as :func:`~repo_lightning.evaluation.metrics.summarize`).
@@ -157,7 +160,7 @@ def write_report(
     plot_reward_vs_cost(results, out / REWARD_VS_COST_FILE)
     plot_files = [COST_HISTOGRAM_FILE, REWARD_VS_COST_FILE]
     if multiplier_history:
-        plot_multiplier(multiplier_history, out / MULTIPLIER_FILE)
+        plot_multiplier(multiplier_history, out / MULTIPLIER_FILE, **(dual or {}))
         plot_files.append(MULTIPLIER_FILE)
 
     markdown = render_markdown(summary, title, plot_files=plot_files, extra=extra)

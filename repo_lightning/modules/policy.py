@@ -144,6 +144,7 @@ class PolicyModule(L.LightningModule):
         self.hparams["dual"] = describe(self.dual)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.lambda_history: list[tuple[int, float]] = []
+        self.statistic_history: list[tuple[int, float]] = []  # the (windowed) dual statistic of each update
         self.actor = None
         self.last_rollout: Rollout | None = None
         self._sharded = False
@@ -298,6 +299,7 @@ class PolicyModule(L.LightningModule):
         if self.objective.constrained:
             metrics["lambda"] = torch.tensor(multiplier_now)
             metrics["dual_statistic"] = self.dual.previous[0].clone()  # the (windowed) g that drove the update
+            self.statistic_history.append((int(self.iteration), float(metrics["dual_statistic"])))
         for key, value in metrics.items():
             self.log(
                 f"train/{key}",
@@ -352,8 +354,23 @@ class PolicyModule(L.LightningModule):
             out_dir = self.evaluation.report_dir or f"{self.trainer.log_dir or '.'}/evaluation"
             history = self.lambda_history if self.objective.constrained else None
             ckpt = getattr(self.trainer, "ckpt_path", None)
+            dual = None
+            if self.objective.constrained:
+                levels = list(self.objective.constraint_level().items())
+                dual = {
+                    "maximum": float(self.dual.maximum),
+                    "statistic_history": self.statistic_history,
+                    "level": levels[0] if len(levels) == 1 else None,
+                }
             write_policy_report(
-                results, out_dir, self.objective.name, self.hparams.actor_path, int(self.iteration), history, ckpt
+                results,
+                out_dir,
+                self.objective.name,
+                self.hparams.actor_path,
+                int(self.iteration),
+                history,
+                ckpt,
+                dual,
             )
         self.evaluation_summary = summary
 
@@ -368,12 +385,14 @@ class PolicyModule(L.LightningModule):
         self.on_fit_start()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save the multiplier history (frozen models are left out of ``state_dict`` itself)."""
+        """Save the multiplier and dual-statistic histories (frozen models are left out of ``state_dict`` itself)."""
         checkpoint["lambda_history"] = [list(item) for item in self.lambda_history]
+        checkpoint["dual_statistic_history"] = [list(item) for item in self.statistic_history]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the multiplier history."""
+        """Restore the multiplier and dual-statistic histories (checkpoints without the latter give an empty one)."""
         self.lambda_history = [(int(s), float(v)) for s, v in checkpoint.get("lambda_history", [])]
+        self.statistic_history = [(int(s), float(v)) for s, v in checkpoint.get("dual_statistic_history", [])]
 
     def on_fit_end(self) -> None:
         """Write the trained actor and tokenizer in Hugging Face layout."""

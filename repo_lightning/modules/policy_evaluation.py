@@ -24,6 +24,7 @@ def write_policy_report(
     iterations: int,
     lambda_history: list[tuple[int, float]] | None,
     ckpt_path: str | None,
+    dual: dict | None = None,
 ) -> None:
     """Write ``report.md``, ``per_prompt.jsonl``, ``metrics.json`` and plots for a trained or a start policy.
 
@@ -35,6 +36,7 @@ def write_policy_report(
         iterations: Iterations trained (0: the start policy itself is evaluated).
         lambda_history: ``(iteration, multiplier)`` pairs of a constrained objective, or ``None``.
         ckpt_path: The evaluated checkpoint.
+        dual: The multiplier plot's cap, statistic history and constraint level (:func:`write_report`'s ``dual``).
     """
     trained = iterations > 0
     extra = {
@@ -44,5 +46,5 @@ def write_policy_report(
         "iterations trained": str(iterations),
     }
     title = f"Evaluation: {objective} policy" if trained else "Evaluation: the start policy"
-    write_report(results, out_dir, title, lambda_history if trained else None, extra)
+    write_report(results, out_dir, title, lambda_history if trained else None, extra, dual if trained else None)
     print(f"evaluation report written to {out_dir}/report.md")
