@@ -41,8 +41,9 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check repo_lightning tests benchmarks
 
+# ROBUSTNESS_ARGS e.g. "--oracle-scores --out lightning_logs/ceiling" (the ceiling check, docs/algorithm.md 13).
 robustness: install
-	$(PY) benchmarks/demo_robustness.py --out lightning_logs/robustness
+	$(PY) benchmarks/demo_robustness.py --out lightning_logs/robustness $(ROBUSTNESS_ARGS)
 
 benchmark: install
 	$(PY) -m benchmarks.safety_compensation
