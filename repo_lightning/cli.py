@@ -74,6 +74,9 @@ class RLHFCLI(LightningCLI):
         hparams = self.model.hparams
         for key in MODEL_PATH_KEYS:
             check_model_path(f"model.init_args.{key}", hparams.get(key))
+        for key in ("reward_ensemble_paths", "cost_ensemble_paths"):
+            for index, path in enumerate(hparams.get(key) or []):
+                check_model_path(f"model.init_args.{key}[{index}]", path)
         ckpt_path = self._stage_config().get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             if not Path(ckpt_path).exists():  # a file, or a folder for a sharded (distributed) checkpoint

@@ -40,6 +40,8 @@ MODEL_SOURCES = {
     "reward_critic": "reward_model_path",
     "cost_model": "cost_model_path",
     "cost_critic": "cost_model_path",
+    "reward_members": "reward_ensemble_paths",
+    "cost_members": "cost_ensemble_paths",
 }
 
 

@@ -345,6 +345,12 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "{tmp}/prompts.jsonl: row 0: expected an object with named fields",
     ),
     (
+        "missing-reward-ensemble-member",
+        "policy",
+        lambda t, e: [f"--model.init_args.reward_ensemble_paths=['{e['reward']}', '{t / 'nowhere'}']"],
+        "model.init_args.reward_ensemble_paths[1]: no model at '{tmp}/nowhere'",
+    ),
+    (
         "oracle-scores-without-ground-truth",
         "policy",
         lambda t, e: [

@@ -72,6 +72,38 @@ def aggregate_heads(scores: torch.Tensor, how: str = "mean", kappa: float = 1.0)
     raise ValueError(f"aggregate must be mean, mean_plus_std or max, got {how!r}")
 
 
+def aggregate_rewards(scores: torch.Tensor, how: str = "mean", kappa: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reward per sample from ``[N, M]`` scores of ``M`` reward models, and their spread ``[N]``.
+
+    Bradley-Terry reward models share no offset or scale, so before they are combined each model ``j >= 1`` is
+    aligned to the first: its scores are standardised over the ``N`` samples and mapped to the first model's mean
+    and (population) std. Models that agree with the first up to such a map therefore leave its scores unchanged,
+    and only disagreement in the *ordering or shape* of the scores moves the result: ``mean`` averages the aligned
+    scores, ``mean_minus_std`` subtracts ``kappa`` times their (unbiased) std across models (UWO in Coste et al.,
+    "Reward Model Ensembles Help Mitigate Overoptimization", ICLR 2024), ``min`` takes the worst (WCO).
+
+    Args:
+        scores: ``[N, M]``, the first column the reference model.
+        how: ``mean``, ``mean_minus_std`` or ``min``.
+        kappa: Weight of the spread for ``mean_minus_std``.
+
+    Returns:
+        ``(rewards, spread)``: ``[N]`` each; ``spread`` is the std across the aligned models.
+    """
+    scores = scores.float()
+    mean, std = scores.mean(0), scores.std(0, unbiased=False).clamp(min=1e-6)
+    aligned = mean[0] + std[0] * (scores - mean) / std
+    aligned[:, 0] = scores[:, 0]  # the reference model exactly as it scored
+    spread = aligned.std(1) if aligned.shape[1] > 1 else torch.zeros_like(aligned[:, 0])
+    if how == "mean":
+        return aligned.mean(1), spread
+    if how == "mean_minus_std":
+        return aligned.mean(1) - kappa * spread, spread
+    if how == "min":
+        return aligned.amin(1), spread
+    raise ValueError(f"reward aggregate must be mean, mean_minus_std or min, got {how!r}")
+
+
 def decode_responses(
     tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
 
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.errors import ConfigError
@@ -60,6 +61,10 @@ class PolicyModule(L.LightningModule):
         actor_path: Start policy (the SFT export): hub name or folder. The reference model is a frozen copy.
         reward_model_path: Reward model export (``AutoModelForSequenceClassification``, one label).
         cost_model_path: Cost model export; required when the objective uses a cost.
+        reward_ensemble_paths: Further reward model exports (e.g. trained from other SFT starts or seeds), scored
+            beside ``reward_model_path`` as one ensemble and combined by ``scoring.reward_aggregate``; the critic
+            still starts from ``reward_model_path``.
+        cost_ensemble_paths: The same for cost models (``scoring.cost_aggregate`` over every head of every model).
         tokenizer_path: The policy's tokenizer (linked from ``data.tokenizer`` by the CLI).
         reward_template: Prompt template the reward model expects; used only when its tokenizer or template
             differs from the policy's (then responses are decoded and re-tokenised).
@@ -89,6 +94,8 @@ class PolicyModule(L.LightningModule):
         actor_path: str | None = None,
         reward_model_path: str | None = None,
         cost_model_path: str | None = None,
+        reward_ensemble_paths: list[str] | None = None,
+        cost_ensemble_paths: list[str] | None = None,
         tokenizer_path: str | None = None,
         reward_template: str = SAFE_RLHF_TEMPLATE,
         cost_template: str = SAFE_RLHF_TEMPLATE,
@@ -119,6 +126,10 @@ class PolicyModule(L.LightningModule):
         self.scoring = as_group(Scoring, scoring)
         if self.objective.uses_cost and cost_model_path is None:
             raise ValueError(f"model.cost_model_path is required for objective {self.objective.name!r}")
+        if cost_ensemble_paths and cost_model_path is None:
+            raise ConfigError(
+                "model.init_args.cost_ensemble_paths needs model.init_args.cost_model_path (the first member)"
+            )
         k = self.sampling.samples_per_prompt
         if k < 2 and (
             self.estimation.estimator in ("rloo", "grpo") or getattr(self.objective, "rectify", None) == "prompt"
@@ -171,6 +182,8 @@ class PolicyModule(L.LightningModule):
             datamodule.template if datamodule is not None else SAFE_RLHF_TEMPLATE,
             hp.critic_init,
             hp.trust_remote_code,
+            tuple(hp.reward_ensemble_paths or ()),
+            tuple(hp.cost_ensemble_paths or ()),
         )
         self._sharded = self.device_mesh is not None
 
@@ -192,6 +205,9 @@ class PolicyModule(L.LightningModule):
         self.reward_model = m.reward_scorer.model
         self.cost_model = m.cost_scorer.model if m.cost_scorer is not None else None
         self.reward_critic, self.cost_critic = m.reward_critic, m.cost_critic
+        # registered (so they move with the module and stay in eval mode), left out of checkpoints like the others
+        self.reward_members = nn.ModuleList([scorer.model for scorer in m.reward_members])
+        self.cost_members = nn.ModuleList([scorer.model for scorer in m.cost_members])
         oracle_keys = [k for k in ("reward_source", "cost_source") if getattr(self.scoring, k) == "oracle"]
         if oracle_keys and self._oracle() is None:
             raise ConfigError(

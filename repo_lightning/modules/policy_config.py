@@ -212,10 +212,19 @@ class Scoring:
     """How the frozen scorers' outputs become one reward and one cost per sample.
 
     Attributes:
-        cost_aggregate: For a cost model with several heads (``model.ensemble_size`` of the cost stage): ``mean``,
+        cost_aggregate: For a cost model with several heads (``model.ensemble_size`` of the cost stage), or several
+            cost models (``model.init_args.cost_ensemble_paths``: every head of every model, on the models' own
+            scale, whose sign is the safety label): ``mean``,
             ``mean_plus_std`` (``mean + cost_kappa * std`` across heads: conservative where the heads disagree) or
             ``max`` (worst case). A one-head cost model is used as it is.
         cost_kappa: Weight of the heads' spread for ``mean_plus_std``, ``>= 0``.
+        reward_aggregate: With several reward models (``model.init_args.reward_ensemble_paths``): ``mean``,
+            ``mean_minus_std`` (``mean - reward_kappa * std`` across the models: uncertainty-weighted, UWO in Coste
+            et al., ICLR 2024) or ``min`` (worst case, WCO). Each further model is first aligned to the first one's
+            scale (its scores standardised over the rollout batch, then mapped to the first model's batch mean and
+            std: Bradley-Terry scores have no common offset or scale), so models that agree up to such a map give
+            the first model's scores unchanged. One reward model is used as it is.
+        reward_kappa: Weight of the models' spread for ``mean_minus_std``, ``>= 0``.
         reward_source: ``model`` (the reward model) or ``oracle``: the data's ground-truth helpfulness ``R*``
             (SafetyWorld only). A diagnostic, not a training method: with the oracle the policy stage shows what
             the objective reaches when the score model is perfect, so a shortfall can be put on the objective or
@@ -226,6 +235,8 @@ class Scoring:
 
     cost_aggregate: Literal["mean", "mean_plus_std", "max"] = "mean"
     cost_kappa: float = 1.0
+    reward_aggregate: Literal["mean", "mean_minus_std", "min"] = "mean"
+    reward_kappa: float = 1.0
     reward_source: Literal["model", "oracle"] = "model"
     cost_source: Literal["model", "oracle"] = "model"
 
@@ -236,6 +247,12 @@ class Scoring:
                 f"got {self.cost_aggregate!r}"
             )
         _at_least("scoring", "cost_kappa", self.cost_kappa, 0.0)
+        if self.reward_aggregate not in ("mean", "mean_minus_std", "min"):
+            raise ConfigError(
+                "model.init_args.scoring.reward_aggregate must be mean, mean_minus_std or min, "
+                f"got {self.reward_aggregate!r}"
+            )
+        _at_least("scoring", "reward_kappa", self.reward_kappa, 0.0)
         for key in ("reward_source", "cost_source"):
             if getattr(self, key) not in ("model", "oracle"):
                 raise ConfigError(f"model.init_args.scoring.{key} must be model or oracle, got {getattr(self, key)!r}")

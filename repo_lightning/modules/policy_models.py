@@ -8,7 +8,7 @@ Actor (trained), frozen reference (a copy of the start policy), frozen reward an
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,7 +20,7 @@ from repo_lightning.modules.policy_config import Memory, Scoring
 from repo_lightning.text.tokenizers import load_tokenizer
 
 #: Attribute names of the frozen models on the LightningModule (left out of checkpoints).
-FROZEN = ("ref_model", "reward_model", "cost_model")
+FROZEN = ("ref_model", "reward_model", "cost_model", "reward_members", "cost_members")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class PolicyModels:
         cost_scorer: Frozen cost model, or ``None`` (``ppo`` without a cost model).
         reward_critic: Trained reward critic, or ``None`` (critic-free estimators).
         cost_critic: Trained cost critic, or ``None``.
+        reward_members: Further frozen reward models scored beside ``reward_scorer`` (an ensemble).
+        cost_members: Further frozen cost models scored beside ``cost_scorer``.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -44,6 +46,8 @@ class PolicyModels:
     cost_scorer: Scorer | None
     reward_critic: PreTrainedModel | None
     cost_critic: PreTrainedModel | None
+    reward_members: list[Scorer] = field(default_factory=list)
+    cost_members: list[Scorer] = field(default_factory=list)
 
     @property
     def critics(self) -> list[PreTrainedModel]:
@@ -65,6 +69,8 @@ class PolicySources:
         policy_template: The data's template (decides whether a scorer can read the rollout ids as they are).
         critic_init: ``score_model`` or ``actor``.
         trust_remote_code: Allow hub model code.
+        reward_ensemble_paths: Further reward model exports (an ensemble with ``reward_model_path``).
+        cost_ensemble_paths: Further cost model exports (an ensemble with ``cost_model_path``).
     """
 
     actor_path: str
@@ -76,6 +82,8 @@ class PolicySources:
     policy_template: str
     critic_init: str
     trust_remote_code: bool = False
+    reward_ensemble_paths: tuple[str, ...] = ()
+    cost_ensemble_paths: tuple[str, ...] = ()
 
 
 def load_policy_models(
@@ -92,7 +100,7 @@ def load_policy_models(
     Args:
         sources: Paths, templates and the critics' start.
         memory: dtype, kernel, LoRA, checkpointing and sharding settings.
-        scoring: How a cost ensemble's heads are aggregated.
+        scoring: How an ensemble's heads or models are aggregated.
         with_cost: Load the cost model (and, with critics, the cost critic).
         with_critics: Load the critics (the ``gae`` estimator).
         device_mesh: The LightningModule's ``device_mesh`` (``None`` unless ``ModelParallelStrategy``).
@@ -137,12 +145,28 @@ def load_policy_models(
     cost_scorer = None
     if sources.cost_model_path is not None:
         cost_scorer = scorer(sources.cost_model_path, sources.cost_template, scoring.cost_aggregate)
+    reward_members = [scorer(path, sources.reward_template) for path in sources.reward_ensemble_paths]
+    cost_members = []
+    if cost_scorer is not None:
+        cost_members = [
+            scorer(path, sources.cost_template, scoring.cost_aggregate) for path in sources.cost_ensemble_paths
+        ]
     reward_critic = cost_critic = None
     if with_critics:
         reward_critic = critic(sources.reward_model_path, reward_scorer)
         if with_cost:
             cost_critic = critic(sources.cost_model_path, cost_scorer)
-    return PolicyModels(tokenizer, actor, ref_model, reward_scorer, cost_scorer, reward_critic, cost_critic)
+    return PolicyModels(
+        tokenizer,
+        actor,
+        ref_model,
+        reward_scorer,
+        cost_scorer,
+        reward_critic,
+        cost_critic,
+        reward_members,
+        cost_members,
+    )
 
 
 def drop_frozen_models(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

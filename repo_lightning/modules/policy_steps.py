@@ -197,6 +197,8 @@ def rollout_metrics(rollout: Rollout, samples_per_prompt: int, oracle=None) -> d
         metrics["unsafe_prompt_rate"] = (costs > 0).view(-1, k).any(1).float().mean()
     if rollout.cost_spread is not None:
         metrics["cost_ensemble_std"] = rollout.cost_spread.float().mean()
+    if rollout.reward_spread is not None:
+        metrics["reward_ensemble_std"] = rollout.reward_spread.float().mean()
     if oracle is not None:
         pairs = list(zip(rollout.prompts, rollout.responses, strict=True))
         true_costs = torch.tensor([oracle.harm(p, r) for p, r in pairs])

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from repo_lightning.data.records import PromptBatch
 from repo_lightning.models.backbone import position_ids_from_mask, token_scores
-from repo_lightning.models.scorer import aggregate_heads, decode_responses, score_samples
+from repo_lightning.models.scorer import aggregate_heads, aggregate_rewards, decode_responses, score_samples
 from repo_lightning.modules.policy_config import Sampling, Scoring
 from repo_lightning.modules.policy_models import PolicyModels
 from repo_lightning.rl.losses import logprobs_from_logits
@@ -37,6 +37,7 @@ class Rollout:
         rewards: ``[N]`` reward model scores ``R(x, y)``.
         costs: ``[N]`` cost model scores ``C(x, y)`` (an ensemble's heads aggregated as configured), or ``None``.
         cost_spread: ``[N]`` std of an ensemble cost model's heads (their disagreement), or ``None``.
+        reward_spread: ``[N]`` std of the aligned scores of several reward models, or ``None``.
         finished: ``[N]`` bool, whether the response ended with eos (not cut at ``max_new_tokens``).
         prompts: ``N`` raw prompts (each repeated ``k`` times, consecutively).
         responses: ``N`` decoded responses.
@@ -55,6 +56,7 @@ class Rollout:
     costs: Tensor | None
     finished: Tensor | None = None
     cost_spread: Tensor | None = None
+    reward_spread: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
@@ -247,16 +249,28 @@ def collect_rollout(
     if logprobs is None:  # one more no-grad forward pass of the actor (sampling.logprobs_from_generation: off)
         logprobs = response_logprobs(models.actor, sequences, full_mask, prompt_length)
     ref_logprobs = response_logprobs(models.ref_model, sequences, full_mask, prompt_length)
+
+    def scored(scorer):
+        return score_samples(scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
+
+    reward_spread = None
     if scoring.reward_source == "oracle":
         rewards = oracle_scores(oracle.helpfulness, prompts, responses, sequences.device)
     else:
-        rewards = score_samples(models.reward_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
-        rewards = aggregate_heads(rewards, "mean")
+        rewards = aggregate_heads(scored(models.reward_scorer), "mean")
+        if models.reward_members:
+            members = [rewards, *(aggregate_heads(scored(m), "mean") for m in models.reward_members)]
+            rewards, reward_spread = aggregate_rewards(
+                torch.stack(members, 1), scoring.reward_aggregate, scoring.reward_kappa
+            )
     costs = cost_spread = None
     if models.cost_scorer is not None and scoring.cost_source == "oracle":
         costs = oracle_scores(oracle.harm, prompts, responses, sequences.device)
     elif models.cost_scorer is not None:
-        costs = score_samples(models.cost_scorer, sequences, full_mask, prompts, responses, scoring_batch_size)
+        costs = scored(models.cost_scorer)
+        if models.cost_members:  # every head of every model, on the models' own (sign-labelled) scale
+            parts = [costs, *(scored(m) for m in models.cost_members)]
+            costs = torch.cat([part if part.dim() == 2 else part[:, None] for part in parts], 1)
         if costs.dim() == 2:
             cost_spread = costs.std(1)
             costs = aggregate_heads(costs, models.cost_scorer.aggregate, models.cost_scorer.kappa)
@@ -278,6 +292,7 @@ def collect_rollout(
         costs,
         finished=(sequences[:, prompt_length:] == tok.eos_token_id).any(1),
         cost_spread=cost_spread,
+        reward_spread=reward_spread,
         prompts=prompts,
         responses=responses,
         meta=meta,
