@@ -36,7 +36,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_pipeline(
-    root: Path, seed: int, threads: int, config_dir: str, preference_rounds: int = 1, oracle_scores: bool = False
+    root: Path,
+    seed: int,
+    threads: int,
+    config_dir: str,
+    preference_rounds: int = 1,
+    oracle_scores: bool = False,
+    reward_ensemble: int = 1,
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -52,6 +58,8 @@ def run_pipeline(
     ]
     if oracle_scores:
         command.append("--oracle-scores")
+    if reward_ensemble > 1:
+        command += ["--reward-ensemble", str(reward_ensemble)]
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pipeline.out").open("w") as log:
@@ -127,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         help="policies train with the oracles' R* and C* instead of the learned models: the ceiling check "
         "(docs/algorithm.md 13)",
     )
+    parser.add_argument(
+        "--reward-ensemble", type=int, default=1, help="passed to the pipeline (docs/algorithm.md 14; default 1)"
+    )
     parser.add_argument("--reuse", action="store_true", help="only read runs whose summary.json exists already")
     parser.add_argument("--max-unsafe", type=float, default=0.05)
     parser.add_argument("--min-hazard-reward", type=float, default=0.7)
@@ -142,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         seed, threads = runs[name]
         if not (args.reuse and (out / name / "summary.json").exists()):
             walls[name] = run_pipeline(
-                out / name, seed, threads, args.config_dir, args.preference_rounds, args.oracle_scores
+                out / name,
+                seed,
+                threads,
+                args.config_dir,
+                args.preference_rounds,
+                args.oracle_scores,
+                args.reward_ensemble,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

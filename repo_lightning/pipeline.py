@@ -109,6 +109,9 @@ class Pipeline:
             ``world`` ones are ``--data.world.KEY=VALUE`` (the preference rounds read the world from them).
         quiet: Send each stage's output to ``<root>/logs/<stage>.log`` and show one line per stage instead.
         planned_stages: Number of stages this run will make, shown as ``[i/n]`` on each stage line (0: unknown).
+        reward_ensemble: Reward models the final policies score with: 1 (the default), or the ``reward`` export
+            plus ``reward_ensemble - 1`` members, each trained like it from its own SFT start (another seed),
+            combined as ``mean - std`` of the aligned scores (``scoring.reward_aggregate: mean_minus_std``).
     """
 
     def __init__(
@@ -119,7 +122,11 @@ class Pipeline:
         extra: dict[str, list[str]] | None = None,
         quiet: bool = False,
         planned_stages: int = 0,
+        reward_ensemble: int = 1,
     ) -> None:
+        if reward_ensemble < 1:
+            raise ValueError(f"reward_ensemble must be >= 1, got {reward_ensemble}")
+        self.reward_ensemble = reward_ensemble
         self.root = Path(root)
         self.config_dir = Path(config_dir)
         self.seed = seed
@@ -247,7 +254,49 @@ class Pipeline:
             self.train_score_models(test=False, tag=f"round{round_index}_", extra_train_files=files)
             files.append(self.collect_preferences(round_index, algorithms))
         self.train_score_models(test=test, extra_train_files=files)
+        self.train_reward_members(files)
         return files
+
+    def member_seed(self, member: int) -> int:
+        """Seed of reward-ensemble member ``member >= 1`` (its SFT start and its reward model)."""
+        return self.seed + 1000 * member
+
+    def reward_member_exports(self) -> list[str]:
+        """Export folders of the reward-ensemble members (``reward_m1``, ...; none without an ensemble)."""
+        return [self.export(f"reward_m{i}") for i in range(1, self.reward_ensemble)]
+
+    def train_reward_members(self, extra_train_files: list[Path] = ()) -> None:
+        """The reward-ensemble members: each an SFT start from its own seed and a reward model trained on it.
+
+        Each reward model trains on the final round's data (exports ``sft_m<i>``, ``reward_m<i>``). Members from one
+        SFT start agree on the answers a policy learns to exploit; members from different starts disagree
+        (docs/results.md round 5).
+        """
+        files = [str(f) for f in extra_train_files]
+        for member in range(1, self.reward_ensemble):
+            seed = f"--seed_everything={self.member_seed(member)}"
+            sft, reward = f"sft_m{member}", f"reward_m{member}"
+            config = str(self.config_dir / "sft.yaml")
+            args = [
+                "--config",
+                config,
+                *self._common("sft", sft),
+                seed,
+                f"--model.init_args.export_dir={self.export(sft)}",
+            ]
+            self._run(f"fit_{sft}", ["fit", *args])
+            config = str(self.config_dir / "reward.yaml")
+            args = [
+                "--config",
+                config,
+                *self._common("reward", reward),
+                seed,
+                f"--model.init_args.export_dir={self.export(reward)}",
+                f"--model.init_args.model_name_or_path={self.export(sft)}",
+            ]
+            if files:
+                args.append(f"--data.extra_train_files={json.dumps(files)}")
+            self._run(f"fit_{reward}", ["fit", *args])
 
     def _card_evaluation(self, name: str, figures: dict[str, float]) -> None:
         """Add held-out figures to the model card of export ``name`` (if it has a card and there are figures)."""
@@ -269,7 +318,17 @@ class Pipeline:
             f"--model.init_args.reward_model_path={self.export(models + 'reward')}",
             f"--model.init_args.cost_model_path={self.export(models + 'cost')}",
             f"--model.init_args.seed={self.seed}",
+            *(self._ensemble_args() if not models else []),
             *(extra or []),
+        ]
+
+    def _ensemble_args(self) -> list[str]:
+        members = self.reward_member_exports()
+        if not members:
+            return []
+        return [
+            f"--model.init_args.reward_ensemble_paths={json.dumps(members)}",
+            "--model.init_args.scoring.reward_aggregate=mean_minus_std",
         ]
 
     def evaluate_start(self) -> Path:
@@ -401,7 +460,17 @@ def main(argv: list[str] | None = None) -> None:
         "reward and cost models (model.init_args.scoring.{reward,cost}_source: oracle): the ceiling check of "
         "docs/algorithm.md section 13; the reward and cost stages still run (the critics start from them)",
     )
+    parser.add_argument(
+        "--reward-ensemble",
+        type=int,
+        default=1,
+        help="reward models the final policies score with (default: %(default)s); each member after the first "
+        "is trained from its own SFT start (another seed), and the policies use mean - std of their aligned scores "
+        "(docs/algorithm.md section 14)",
+    )
     args = parser.parse_args(argv)
+    if args.reward_ensemble < 1:
+        parser.error(f"--reward-ensemble must be >= 1, got {args.reward_ensemble}")
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
     missing = [a for a in args.algorithms if not (Path(args.config_dir) / f"{a}.yaml").is_file()]
@@ -412,10 +481,16 @@ def main(argv: list[str] | None = None) -> None:
     silence_known_noise()
     start = time.perf_counter()
     per_round = 2 + 2 * len(args.algorithms)  # reward, cost, then fit and sample each collector
-    planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round
+    planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + 2 * (args.reward_ensemble - 1)
     extra = {"policy": ORACLE_SCORE_ARGS} if args.oracle_scores else None
     pipeline = Pipeline(
-        args.root, args.config_dir, args.seed, extra=extra, quiet=not args.verbose, planned_stages=planned
+        args.root,
+        args.config_dir,
+        args.seed,
+        extra=extra,
+        quiet=not args.verbose,
+        planned_stages=planned,
+        reward_ensemble=args.reward_ensemble,
     )
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:

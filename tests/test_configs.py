@@ -96,7 +96,7 @@ def test_repo_round4_options_parse(monkeypatch):
 
 
 def test_repo_round5_options_parse(monkeypatch):
-    """`penalty` and the oracle `scoring` sources (README, docs/algorithm.md 13) parse from the command line."""
+    """`penalty`, the oracle `scoring` sources and reward ensembles (docs/algorithm.md 13, 14) parse from the CLI."""
     monkeypatch.setattr(cli_module, "RLHFCLI", ParseOnlyCLI)
     args = [
         "--config",
@@ -104,7 +104,11 @@ def test_repo_round5_options_parse(monkeypatch):
         "--model.init_args.objective.init_args.penalty=indicator",
         "--model.init_args.scoring.reward_source=oracle",
         "--model.init_args.scoring.cost_source=oracle",
+        '--model.init_args.reward_ensemble_paths=["runs/a/reward_m1", "runs/a/reward_m2"]',
+        "--model.init_args.scoring.reward_aggregate=mean_minus_std",
     ]
     init = cli_module.main(args, run=False).config.model.init_args
+    assert init.reward_ensemble_paths == ["runs/a/reward_m1", "runs/a/reward_m2"]
+    assert init.scoring.reward_aggregate == "mean_minus_std"
     assert init.objective.init_args.penalty == "indicator"
     assert init.scoring.reward_source == "oracle" and init.scoring.cost_source == "oracle"

@@ -41,7 +41,7 @@ def test_a_run_passes_only_when_every_criterion_holds(tmp_path):
     assert "| good |" in table and "yes" in table and "NO: mild_unsafe" in table and "error: boom" in table
 
 
-def test_oracle_scores_flag_reaches_the_pipeline(tmp_path, monkeypatch):
+def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypatch):
     commands = []
 
     def fake_run(command, **kwargs):
@@ -50,6 +50,7 @@ def test_oracle_scores_flag_reaches_the_pipeline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(robustness.subprocess, "run", fake_run)
     robustness.run_pipeline(tmp_path / "a", 1, 2, "configs/demo", oracle_scores=True)
-    robustness.run_pipeline(tmp_path / "b", 1, 2, "configs/demo")
+    robustness.run_pipeline(tmp_path / "b", 1, 2, "configs/demo", reward_ensemble=3)
     assert "--oracle-scores" in commands[0] and "--oracle-scores" not in commands[1]
+    assert "--reward-ensemble" not in commands[0] and commands[1][-2:] == ["--reward-ensemble", "3"]
     assert commands[0][commands[0].index("--seed") + 1] == "1"

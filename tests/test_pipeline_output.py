@@ -209,3 +209,31 @@ def test_oracle_scores_reach_every_policy_stage_and_no_score_stage(fake_stages, 
         assert all(arg in command for arg in pipeline_module.ORACLE_SCORE_ARGS), stage
     for stage in ("fit_sft", "fit_reward", "test_reward", "fit_cost", "test_cost"):
         assert "scoring." not in (logs / f"{stage}.log").read_text().splitlines()[0], stage
+
+
+def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, capsys):
+    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "repo", "--seed", "3", "--reward-ensemble", "3"])
+    stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    members = ["fit_sft_m1", "fit_reward_m1", "fit_sft_m2", "fit_reward_m2"]
+    assert [line.split()[1] for line in stage_lines] == [
+        "fit_sft",
+        "fit_reward",
+        "test_reward",
+        "fit_cost",
+        "test_cost",
+        *members,
+        "eval_sft",
+        "fit_repo",
+        "eval_repo",
+    ]
+    assert all(line.startswith(f"[{i}/12]") for i, line in enumerate(stage_lines, 1))
+    logs, exports = fake_stages / "logs", fake_stages / "exports"
+    sft = (logs / "fit_sft_m2.log").read_text().splitlines()[0]
+    assert sft.rstrip().endswith(f"--seed_everything=2003 --model.init_args.export_dir={exports / 'sft_m2'}")
+    reward = (logs / "fit_reward_m1.log").read_text().splitlines()[0]
+    assert "--seed_everything=1003" in reward and f"model_name_or_path={exports / 'sft_m1'}" in reward
+    for stage in ("fit_repo", "eval_repo", "eval_sft"):
+        command = (logs / f"{stage}.log").read_text().splitlines()[0]
+        assert f'reward_ensemble_paths=["{exports / "reward_m1"}", "{exports / "reward_m2"}"]' in command, stage
+        assert "scoring.reward_aggregate=mean_minus_std" in command
+        assert f"reward_model_path={exports / 'reward'} " in command  # the first member, and the critic's start
