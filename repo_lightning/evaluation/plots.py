@@ -120,7 +120,7 @@ def multiplier_figure(
     ax.plot(steps, values, color="tab:blue", marker="." if len(steps) < 50 else None, label="lambda")
     if maximum is not None:
         ax.axhline(float(maximum), color="tab:red", linestyle="--", linewidth=1.0, label=f"cap = {maximum:g}")
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="small", loc="best")
     ax.set_xlabel("training step")
     ax.set_ylabel("lagrange multiplier (lambda)")
     ax.set_title("Lagrange multiplier over training")
@@ -136,7 +136,7 @@ def multiplier_figure(
         low.set_xlabel("training step")
         low.set_ylabel("constraint quantity" if level is not None else "dual statistic g")
         low.set_title("Its constraint: lambda rises while the quantity is above the line")
-        low.legend(fontsize="small", loc="upper right")
+        low.legend(fontsize="small", loc="best")
         low.grid(alpha=0.3)
     return fig
 
