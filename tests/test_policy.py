@@ -513,3 +513,39 @@ def test_logprobs_from_generation_skips_the_actor_forward(tmp_path, tiny_exports
     assert _any_changed(module.actor, AutoModelForCausalLM.from_pretrained(tiny_exports["sft"]))
     scalars = _scalars(cli.trainer.logger.log_dir)
     assert all(math.isfinite(scalars[tag][-1]) for tag in TRAIN_SCALARS)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "ppo_lag", "repo", "repo_rloo"])
+def test_newest_checkpoint_of_a_demo_config_holds_the_final_weights(
+    tmp_path, tiny_exports, tiny_world_config, algorithm
+):
+    """The pipeline evaluates the newest checkpoint; with a mid-epoch validation it must still be the last iteration."""
+    from repo_lightning.pipeline import latest_checkpoint
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo" / f"{algorithm}.yaml").read_text())
+    callbacks = [c for c in demo["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(callbacks) == 2
+    for callback in callbacks:
+        callback["init_args"] = {**callback["init_args"], "dirpath": str(tmp_path / "ckpt")}
+    callbacks[0]["init_args"]["every_n_train_steps"] = 2  # a periodic save one iteration before the end
+    trainer = {
+        "max_epochs": 1,
+        "max_steps": -1,
+        "limit_train_batches": 3,
+        "val_check_interval": 2,  # validation inside the epoch, as the demo's every 20 of 28 batches
+        "limit_val_batches": 1,
+        "enable_checkpointing": True,
+        "callbacks": callbacks,
+    }
+    model = {"update": {"minibatch_size": 4, "ppo_epochs": 1, "actor_lr": 1e-2, "critic_lr": 1e-2}}
+    cli = _fit(
+        _policy_config(
+            tmp_path, tiny_exports, tiny_world_config, model=model, trainer=trainer, data={"val_fraction": 0.3}
+        )
+    )
+    assert int(cli.model.iteration) == 3
+    newest = torch.load(latest_checkpoint(tmp_path / "ckpt"), weights_only=False)
+    assert int(newest["state_dict"]["iteration"]) == 3
+    final = {k: v for k, v in cli.model.state_dict().items() if k.startswith("actor.")}
+    for key, value in final.items():
+        assert torch.equal(newest["state_dict"][key], value), key
