@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 from repo_lightning.console import VERBOSE_ENV, StageFailed, run_stage, silence_known_noise
-from repo_lightning.evaluation import format_table
 from repo_lightning.models.model_card import CARD_FILE, update_model_card
+from repo_lightning.pipeline_results import evaluation_figures, read_score_model_tests, write_summary
 from repo_lightning.safetyworld import World
 from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows
 from repo_lightning.safetyworld.config import world_from_overrides
@@ -53,18 +53,6 @@ _WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
 
 #: How a stage is run: ``python -m repo_lightning <subcommand> ...`` in this interpreter.
 STAGE_COMMAND = [sys.executable, "-m", "repo_lightning"]
-
-SUMMARY_KEYS = [
-    "true_reward_mean/benign",
-    "true_reward_mean/hazard",
-    "true_unsafe_response_rate",
-    "true_unsafe_prompt_rate/hazard_mild",
-    "true_unsafe_prompt_rate/hazard_severe",
-    "over_refusal_rate",
-    "reward_mean",
-    "unsafe_prompt_rate",
-    "kl_mean",
-]
 
 
 def run_cli(args: list[str], log_file: Path | None = None, label: str | None = None) -> float:
@@ -180,21 +168,11 @@ class Pipeline:
             tag: Prefix of the run, export and stage names (``round1_`` for a collection round).
             extra_train_files: Preference files added to the training pairs (``data.extra_train_files``).
         """
-        files = [str(f) for f in extra_train_files]
         for stage in ("reward", "cost"):
-            config = str(self.config_dir / f"{stage}.yaml")
             name = f"{tag}{stage}"
-            args = [
-                "--config",
-                config,
-                *self._common(stage, name),
-                f"--model.init_args.export_dir={self.export(name)}",
-                f"--model.init_args.model_name_or_path={self.export('sft')}",
-            ]
-            if files:
-                args.append(f"--data.extra_train_files={json.dumps(files)}")
-            self._run(f"fit_{name}", ["fit", *args])
+            self._run(f"fit_{name}", ["fit", *self._score_stage_args(stage, name, "sft", extra_train_files)])
             if test:
+                config = str(self.config_dir / f"{stage}.yaml")
                 args = ["--config", config, *self._common(stage, f"{name}_test")]
                 args.append(f"--model.init_args.model_name_or_path={self.export(name)}")
                 self._run(f"test_{name}", ["test", *args])
@@ -272,7 +250,6 @@ class Pipeline:
         SFT start agree on the answers a policy learns to exploit; members from different starts disagree
         (docs/results.md round 5).
         """
-        files = [str(f) for f in extra_train_files]
         for member in range(1, self.reward_ensemble):
             seed = f"--seed_everything={self.member_seed(member)}"
             sft, reward = f"sft_m{member}", f"reward_m{member}"
@@ -285,27 +262,30 @@ class Pipeline:
                 f"--model.init_args.export_dir={self.export(sft)}",
             ]
             self._run(f"fit_{sft}", ["fit", *args])
-            config = str(self.config_dir / "reward.yaml")
-            args = [
-                "--config",
-                config,
-                *self._common("reward", reward),
-                seed,
-                f"--model.init_args.export_dir={self.export(reward)}",
-                f"--model.init_args.model_name_or_path={self.export(sft)}",
-            ]
-            if files:
-                args.append(f"--data.extra_train_files={json.dumps(files)}")
-            self._run(f"fit_{reward}", ["fit", *args])
+            self._run(
+                f"fit_{reward}", ["fit", *self._score_stage_args("reward", reward, sft, extra_train_files, [seed])]
+            )
+
+    def _score_stage_args(
+        self, stage: str, name: str, start: str, extra_train_files: list[Path] = (), extra: list[str] = ()
+    ) -> list[str]:
+        """Arguments of a reward or cost ``fit``: export ``name``, started from export ``start``."""
+        args = [
+            "--config",
+            str(self.config_dir / f"{stage}.yaml"),
+            *self._common(stage, name),
+            *extra,
+            f"--model.init_args.export_dir={self.export(name)}",
+            f"--model.init_args.model_name_or_path={self.export(start)}",
+        ]
+        if extra_train_files:
+            args.append(f"--data.extra_train_files={json.dumps([str(f) for f in extra_train_files])}")
+        return args
 
     def _card_evaluation(self, name: str, figures: dict[str, float]) -> None:
         """Add held-out figures to the model card of export ``name`` (if it has a card and there are figures)."""
         if figures and (Path(self.export(name)) / CARD_FILE).exists():
             update_model_card(self.export(name), evaluation=figures)
-
-    def _evaluation_figures(self, report_dir: Path) -> dict[str, float]:
-        metrics = json.loads((report_dir / "metrics.json").read_text())
-        return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
     def _policy_args(
         self, algorithm: str, run_name: str, extra: list[str] | None = None, models: str = ""
@@ -336,7 +316,7 @@ class Pipeline:
         out = self.root / "eval" / "sft"
         args = self._policy_args("repo", "eval_sft")
         self._run("eval_sft", ["test", *args, f"--model.init_args.evaluation.report_dir={out}"])
-        self._card_evaluation("sft", self._evaluation_figures(out))
+        self._card_evaluation("sft", evaluation_figures(out))
         return out
 
     def fit_policy(
@@ -368,7 +348,7 @@ class Pipeline:
         args = self._policy_args(algorithm, run_name, extra, models)
         report = f"--model.init_args.evaluation.report_dir={out}"
         self._run(f"eval_{name}", ["test", *args, f"--ckpt_path={checkpoint}", report])
-        self._card_evaluation(name, self._evaluation_figures(out))
+        self._card_evaluation(name, evaluation_figures(out))
         return out
 
     def train_policy(
@@ -379,52 +359,20 @@ class Pipeline:
         return self.evaluate_policy(algorithm, name, extra, models)
 
     def score_model_tests(self, tag: str = "") -> dict[str, dict[str, float]]:
-        """The held-out ``test/...`` figures of the reward and cost models, read back from their TensorBoard runs.
+        """The held-out ``test/...`` figures of the reward and cost models (``read_score_model_tests``).
 
         Args:
             tag: Prefix of the runs (``round1_``: a collection round's models).
         """
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        found: dict[str, dict[str, float]] = {}
-        for stage in ("reward", "cost"):
-            for events in sorted((self.root / "logs" / f"{tag}{stage}_test").rglob("events.out.tfevents.*")):
-                accumulator = EventAccumulator(str(events))
-                accumulator.Reload()
-                for name in accumulator.Tags()["scalars"]:
-                    if name.startswith("test/"):
-                        found.setdefault(stage, {})[name] = accumulator.Scalars(name)[-1].value
-        return found
+        return read_score_model_tests(self.root / "logs", tag)
 
     def summary(self, evaluations: dict[str, Path]) -> str:
-        """Side-by-side table of the evaluations, written with the wall times to ``summary.md`` and ``summary.json``.
+        """Side-by-side table of the evaluations, written with the wall times (:func:`.pipeline_results.write_summary`).
 
         Returns:
             ``summary.md`` without its wall-time section (the stage lines already showed the times).
         """
-        metrics = {name: json.loads((path / "metrics.json").read_text()) for name, path in evaluations.items()}
-        keys = [k for k in SUMMARY_KEYS if any(k in m for m in metrics.values())]
-        table = format_table(metrics, keys)
-        scorers = self.score_model_tests()
-        if scorers:
-            lines = [
-                f"- {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.items())) for stage, m in scorers.items()
-            ]
-            table += (
-                "\n\nReward and cost models on held-out pairs (`oracle_*`: against the ground truth):\n"
-                + "\n".join(lines)
-            )
-        timing = "\n".join(f"- {name}: {seconds:.1f} s" for name, seconds in self.timings.items())
-        reports = "\n".join(f"- {name}: {path / 'report.md'}" for name, path in evaluations.items())
-        text = (
-            "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
-            f"are the learned models' judgement.\n\n{table}\n\n## Reports\n{reports}\n"
-        )
-        (self.root / "summary.md").write_text(f"{text}\n## Wall time\n{timing}\n")
-        (self.root / "summary.json").write_text(
-            json.dumps({"metrics": metrics, "score_models": scorers, "timings": self.timings}, indent=2)
-        )
-        return text
+        return write_summary(self.root, evaluations, self.timings, self.score_model_tests())
 
 
 def main(argv: list[str] | None = None) -> None:
