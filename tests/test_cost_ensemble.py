@@ -73,7 +73,7 @@ def test_cost_ensemble_trains_distinct_heads_exports_them_and_collapses_for_a_cr
 
 
 def test_policy_stage_scores_with_the_conservative_ensemble_cost(tmp_path, tiny_exports, tiny_world_config):
-    from test_policy import _fit, _policy_config, _scalars
+    from test_policy import TINY_SCORE_CONFIG, _fit, _policy_config, _scalars
 
     from repo_lightning.data.collate import PromptExample, collate_prompts
     from repo_lightning.modules.rollout import collect_rollout
@@ -82,15 +82,7 @@ def test_policy_stage_scores_with_the_conservative_ensemble_cost(tmp_path, tiny_
 
     tok = load_tokenizer(tiny_exports["tokenizer"])
     torch.manual_seed(5)
-    config = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-    }
-    ensemble = load_score_model(tok, model_config=config, num_labels=3)
+    ensemble = load_score_model(tok, model_config=TINY_SCORE_CONFIG, num_labels=3)
     ensemble.save_pretrained(tmp_path / "ensemble")
     tok.save_pretrained(tmp_path / "ensemble")
     model = {

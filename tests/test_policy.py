@@ -176,6 +176,17 @@ def _scalars(log_dir: str) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+#: A one-layer Llama score model of width 32: the smallest that the tests build from a config.
+TINY_SCORE_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
 def _constant_score_model(tokenizer_dir: str, out_dir: Path, score: float) -> str:
     """A Llama score model whose output is ``score`` for every input, saved to ``out_dir``.
 
@@ -186,14 +197,7 @@ def _constant_score_model(tokenizer_dir: str, out_dir: Path, score: float) -> st
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = load_score_model(
         tokenizer,
-        model_config={
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-        },
+        model_config=TINY_SCORE_CONFIG,
     )
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_policy import _fit, _policy_config, _scalars
+from test_policy import TINY_SCORE_CONFIG, _fit, _policy_config, _scalars
 
 from repo_lightning.data.collate import PromptExample, collate_prompts
 from repo_lightning.models.backbone import load_score_model, sequence_scores
@@ -14,15 +14,6 @@ from repo_lightning.modules.rollout import collect_rollout
 from repo_lightning.safetyworld import World
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 from repo_lightning.text.tokenizers import load_tokenizer
-
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
 
 
 def test_aggregate_rewards_by_hand():
@@ -46,7 +37,7 @@ def test_aggregate_rewards_by_hand():
 
 def _member(tok, folder, seed: int, num_labels: int = 1) -> str:
     torch.manual_seed(seed)
-    model = load_score_model(tok, model_config=TINY, num_labels=num_labels)
+    model = load_score_model(tok, model_config=TINY_SCORE_CONFIG, num_labels=num_labels)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
