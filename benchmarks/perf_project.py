@@ -77,6 +77,12 @@ def parse_args(argv=None):
         help="advantage estimator; rloo / grpo load no critics (need --samples-per-prompt >= 2)",
     )
     r.add_argument(
+        "--critics",
+        default="separate",
+        choices=["separate", "shared"],
+        help="with a cost and gae: a reward and a cost critic (separate) or one backbone with two heads (shared)",
+    )
+    r.add_argument(
         "--samples-per-prompt",
         type=int,
         default=1,
@@ -252,6 +258,7 @@ def config(root: str, a) -> str:
         model["update"]["fused_optimizer"] = True
     if a.algorithm != "ppo":
         model["cost_model_path"] = f"{root}/cost"
+        model["critics"] = a.critics
     cfgd = {
         "seed_everything": a.seed,
         "trainer": {
@@ -376,6 +383,7 @@ def main(a) -> dict:
         },
         "algorithm": a.algorithm,
         "estimator": a.estimator,
+        "critics": a.critics,
         "samples_per_prompt": a.samples_per_prompt,
         "dropout": a.dropout,
         "optimizer": a.optimizer,

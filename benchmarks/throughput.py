@@ -101,7 +101,9 @@ SIDES = ("trl", "ppo", "repo")
 # Not run by default: ``ppo`` with the module's own defaults where they differ from what TRL runs (dropout 0.1 as
 # GPT-2's config has it, AdamW unfused with weight decay 0.01, old log-probs from one more actor forward pass), to
 # show what the like-for-like settings change.
-EXTRA_SIDES = ("ppo-defaults",)
+# ``repo-shared``: ``repo`` with one critic backbone and two value heads (``critics: shared``) instead of a reward and a
+# cost critic: the update trains two networks, as ``ppo`` and TRL do (docs/algorithm.md section 10).
+EXTRA_SIDES = ("ppo-defaults", "repo-shared")
 PHASES = ("generate", "rollout_scoring", "ppo_update", "other")
 RESULT_KEYS = (
     "sec_per_iter_median",
@@ -166,6 +168,9 @@ def run_one(side: str, workload: str, dtype: str, args, workdir: str) -> dict:
     elif side == "ppo-defaults":
         cmd = [sys.executable, str(PROJECT_SCRIPT), *common, "--algorithm=ppo", "--dropout=0.1", "--optimizer=adamw"]
         cmd.append("--old-logprobs=forward")
+    elif side == "repo-shared":
+        cmd = [sys.executable, str(PROJECT_SCRIPT), *common, "--algorithm=repo", "--critics=shared"]
+        cmd.append(f"--workdir={workdir}/{side}-{workload}-{dtype}")
     else:
         cmd = [sys.executable, str(PROJECT_SCRIPT), *common, f"--algorithm={side}"]
         cmd.append(f"--workdir={workdir}/{side}-{workload}-{dtype}")

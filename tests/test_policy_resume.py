@@ -25,7 +25,7 @@ def _policy_single_thread():
     torch.set_num_threads(threads)
 
 
-def _config(tmp_path: Path, run: str, exports: dict[str, str], max_epochs: int) -> str:
+def _config(tmp_path: Path, run: str, exports: dict[str, str], max_epochs: int, critics: str = "separate") -> str:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -66,6 +66,7 @@ def _config(tmp_path: Path, run: str, exports: dict[str, str], max_epochs: int) 
                     },
                 },
                 "seed": 3,
+                "critics": critics,
             },
         },
         "data": {
@@ -92,11 +93,12 @@ def _trained_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_exports):
-    main(["fit", "--config", _config(tmp_path, "a", tiny_exports, max_epochs=2)])
+@pytest.mark.parametrize("critics", ["separate", "shared"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_exports, critics):
+    main(["fit", "--config", _config(tmp_path, "a", tiny_exports, max_epochs=2, critics=critics)])
     full = torch.load(tmp_path / "a" / "ckpt" / "last.ckpt", weights_only=False)
 
-    config_b = _config(tmp_path, "b", tiny_exports, max_epochs=1)
+    config_b = _config(tmp_path, "b", tiny_exports, max_epochs=1, critics=critics)
     main(["fit", "--config", config_b])
     last_b = tmp_path / "b" / "ckpt" / "last.ckpt"
     half = torch.load(last_b, weights_only=False)
@@ -111,7 +113,9 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_exports):
 
     full_state, resumed_state, half_state = _trained_state(full), _trained_state(resumed), _trained_state(half)
     assert full_state.keys() == resumed_state.keys()
-    assert any(key.startswith(p) for key in full_state for p in ("actor.", "reward_critic.", "cost_critic."))
+    for prefix in ("actor.", "reward_critic.", *(("cost_critic.",) if critics == "separate" else ())):
+        assert any(key.startswith(prefix) for key in full_state), prefix
+    assert critics == "separate" or not any(key.startswith("cost_critic.") for key in full_state)
     for key, value in full_state.items():
         torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=1e-6, msg=key)
     # The second epoch did train: the comparison above is not between two copies of the first epoch.

@@ -42,9 +42,10 @@ def test_every_workload_is_valid_for_both_scripts():
 @pytest.mark.slow
 def test_dry_run_writes_the_json_keys(tmp_path):
     out = tmp_path / "throughput.json"
-    result = bench.main(["--dry-run", "--sides", "ppo", "repo", "--dtypes", "fp32", "--out", str(out)])
+    sides = ["ppo", "repo", "repo-shared"]
+    result = bench.main(["--dry-run", "--sides", *sides, "--dtypes", "fp32", "--out", str(out)])
     assert json.loads(out.read_text())["results"].keys() == result["results"].keys()
-    assert set(result["results"]) == {"tiny/fp32/ppo", "tiny/fp32/repo"}
+    assert set(result["results"]) == {f"tiny/fp32/{side}" for side in sides}
     for summary in result["results"].values():
         assert "error" not in summary, summary
         for key in bench.RESULT_KEYS:
@@ -52,5 +53,7 @@ def test_dry_run_writes_the_json_keys(tmp_path):
         assert set(summary["phase_sec_median"]) == set(bench.PHASES)
         assert summary["sec_per_iter_min"] <= summary["sec_per_iter_median"] <= summary["sec_per_iter_max"]
         assert summary["update_gflops"] > 0 and summary["speed_vs_trl"] is None  # no TRL in a dry run
+    assert [run["critics"] for run in result["runs"]["tiny/fp32/repo-shared"]] == ["shared"]
+    assert [run["critics"] for run in result["runs"]["tiny/fp32/repo"]] == ["separate"]
     assert result["matmul_peak"]["fp32"]["gflops"] > 0
     assert {"settings", "machine", "matmul_peak", "results", "runs"} <= set(result)

@@ -71,6 +71,10 @@ class PolicyModule(L.LightningModule):
         cost_template: The same for the cost model.
         critic_init: ``score_model`` starts each critic from the reward / cost model (needs the policy's
             tokenizer); ``actor`` starts both from the actor's backbone with a fresh head.
+        critics: With the ``gae`` estimator and a cost: ``separate`` (default) trains a reward critic and a cost
+            critic (two models, as Safe RLHF); ``shared`` trains one backbone with two value heads (reward: the
+            ``critic_init`` model's head; cost: a new head starting at zero), so ``repo`` / ``ppo_lag`` train and
+            run as many networks as ``ppo`` (algorithm.md section 10). Without a cost the two are the same.
         objective: What is optimised: ``PPO``, ``PPOLagrangian`` (Safe RLHF) or ``RePO`` (default) from
             ``repo_lightning.objectives``, or your own subclass of ``Objective``.
         dual: The multiplier and its update rule (``DualVariable`` with a ``LogRule`` by default).
@@ -100,6 +104,7 @@ class PolicyModule(L.LightningModule):
         reward_template: str = SAFE_RLHF_TEMPLATE,
         cost_template: str = SAFE_RLHF_TEMPLATE,
         critic_init: Literal["score_model", "actor"] = "score_model",
+        critics: Literal["separate", "shared"] = "separate",
         objective: Objective | None = None,
         dual: DualVariable | None = None,
         sampling: Sampling | None = None,
@@ -138,6 +143,8 @@ class PolicyModule(L.LightningModule):
                 "model.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt "
                 f"(they compare the k samples of a prompt), got {k}"
             )
+        if critics not in ("separate", "shared"):
+            raise ConfigError(f"model.init_args.critics must be separate or shared, got {critics!r}")
         self.save_hyperparameters(ignore=["optimizer", "objective", "dual"])
         for name, group in (
             ("sampling", self.sampling),
@@ -184,6 +191,7 @@ class PolicyModule(L.LightningModule):
             hp.trust_remote_code,
             tuple(hp.reward_ensemble_paths or ()),
             tuple(hp.cost_ensemble_paths or ()),
+            hp.critics,
         )
         self._sharded = self.device_mesh is not None
 

@@ -2,7 +2,8 @@
 
 Actor (trained), frozen reference (a copy of the start policy), frozen reward and cost models (each behind a
 :class:`~repo_lightning.models.scorer.Scorer`), and, with the ``gae`` estimator, a reward and a cost critic
-(trained). Dropout is switched off in the trained models (see :func:`disable_dropout`).
+(trained), or one shared critic with a reward and a cost value head. Dropout is switched off in the trained models
+(see :func:`disable_dropout`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from repo_lightning.models.backbone import disable_dropout, freeze, load_causal_lm, load_score_model
+from repo_lightning.models.backbone import (
+    append_score_head,
+    disable_dropout,
+    freeze,
+    load_causal_lm,
+    load_score_model,
+)
 from repo_lightning.models.scorer import Scorer, same_tokenizer
 from repo_lightning.modules.model_setup import prepare_trained_model
 from repo_lightning.modules.policy_config import Memory, Scoring
@@ -33,8 +40,9 @@ class PolicyModels:
         ref_model: Frozen reference policy.
         reward_scorer: Frozen reward model with its tokenizer and template.
         cost_scorer: Frozen cost model, or ``None`` (``ppo`` without a cost model).
-        reward_critic: Trained reward critic, or ``None`` (critic-free estimators).
-        cost_critic: Trained cost critic, or ``None``.
+        reward_critic: Trained reward critic, or ``None`` (critic-free estimators); with ``shared_critic`` the one
+            critic of both streams (output 0: reward value, output 1: cost value).
+        cost_critic: Trained cost critic, or ``None`` (also with ``shared_critic``).
         reward_members: Further frozen reward models scored beside ``reward_scorer`` (an ensemble).
         cost_members: Further frozen cost models scored beside ``cost_scorer``.
     """
@@ -48,6 +56,7 @@ class PolicyModels:
     cost_critic: PreTrainedModel | None
     reward_members: list[Scorer] = field(default_factory=list)
     cost_members: list[Scorer] = field(default_factory=list)
+    shared_critic: bool = False
 
     @property
     def critics(self) -> list[PreTrainedModel]:
@@ -71,6 +80,7 @@ class PolicySources:
         trust_remote_code: Allow hub model code.
         reward_ensemble_paths: Further reward model exports (an ensemble with ``reward_model_path``).
         cost_ensemble_paths: Further cost model exports (an ensemble with ``cost_model_path``).
+        critics: ``separate`` (a reward and a cost critic) or ``shared`` (one backbone, two value heads).
     """
 
     actor_path: str
@@ -84,6 +94,7 @@ class PolicySources:
     trust_remote_code: bool = False
     reward_ensemble_paths: tuple[str, ...] = ()
     cost_ensemble_paths: tuple[str, ...] = ()
+    critics: str = "separate"
 
 
 def load_policy_models(
@@ -129,15 +140,19 @@ def load_policy_models(
         reuse = same_tokenizer(score_tokenizer, tokenizer) and template == sources.policy_template
         return Scorer(model, score_tokenizer, template, reuse, aggregate=aggregate, kappa=scoring.cost_kappa)
 
-    def critic(path: str, score: Scorer) -> PreTrainedModel:
+    def critic(path: str, score: Scorer, shared: bool = False) -> PreTrainedModel:
         if sources.critic_init == "actor":
-            return trained(load_score_model(tokenizer, sources.actor_path, **common))
-        if not same_tokenizer(score.tokenizer, tokenizer):
+            model = load_score_model(tokenizer, sources.actor_path, **common)
+        elif not same_tokenizer(score.tokenizer, tokenizer):
             raise ValueError(
                 f"critic_init: score_model needs {path!r} to share the policy's tokenizer; it does not. "
                 "Set model.critic_init: actor"
             )
-        return trained(load_score_model(tokenizer, path, **common))
+        else:
+            model = load_score_model(tokenizer, path, **common)
+        if shared:
+            append_score_head(model)  # before LoRA, so the adapters' head is the two-output one
+        return trained(model)
 
     actor = trained(load_causal_lm(tokenizer, sources.actor_path, **common))
     ref_model = frozen(load_causal_lm(tokenizer, sources.actor_path, **common))
@@ -152,9 +167,10 @@ def load_policy_models(
             scorer(path, sources.cost_template, scoring.cost_aggregate) for path in sources.cost_ensemble_paths
         ]
     reward_critic = cost_critic = None
+    shared = with_critics and with_cost and sources.critics == "shared"
     if with_critics:
-        reward_critic = critic(sources.reward_model_path, reward_scorer)
-        if with_cost:
+        reward_critic = critic(sources.reward_model_path, reward_scorer, shared=shared)
+        if with_cost and not shared:
             cost_critic = critic(sources.cost_model_path, cost_scorer)
     return PolicyModels(
         tokenizer,
@@ -166,6 +182,7 @@ def load_policy_models(
         cost_critic,
         reward_members,
         cost_members,
+        shared_critic=shared,
     )
 
 

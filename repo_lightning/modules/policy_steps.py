@@ -17,7 +17,7 @@ from repo_lightning.data.records import PromptBatch
 from repo_lightning.evaluation import PromptResult
 from repo_lightning.modules.policy_config import Estimation, PPOUpdate
 from repo_lightning.modules.policy_models import PolicyModels
-from repo_lightning.modules.rollout import Rollout, response_logits, response_values
+from repo_lightning.modules.rollout import Rollout, critic_values, response_logits
 from repo_lightning.objectives import Objective
 from repo_lightning.rl.advantages import (
     broadcast_to_tokens,
@@ -152,14 +152,14 @@ def ppo_update(
                 kl_loss = kl_penalty_loss(logprobs, rollout.ref_logprobs[idx], mask)
                 loss = loss + estimation.kl_coef * kl_loss
                 step["kl_loss"] = kl_loss
-            critics = (
-                ("reward", models.reward_critic, rollout.reward_values, targets.reward_returns),
-                ("cost", models.cost_critic, rollout.cost_values, targets.cost_returns),
+            reward_values, cost_values = critic_values(models, seq, attn, p)
+            streams = (
+                ("reward", reward_values, rollout.reward_values, targets.reward_returns),
+                ("cost", cost_values, rollout.cost_values, targets.cost_returns),
             )
-            for name, critic, old_values, returns in critics:
-                if critic is None:
+            for name, values, old_values, returns in streams:
+                if values is None:
                     continue
-                values = response_values(critic, seq, attn, p)
                 value_loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mask, update.value_clip)
                 loss = loss + update.value_loss_coef * value_loss
                 step[f"value_loss_{name}"] = value_loss

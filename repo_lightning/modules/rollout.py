@@ -189,6 +189,25 @@ def response_values(critic: PreTrainedModel, sequences: Tensor, attention_mask: 
     return values[:, prompt_length - 1 : -1]
 
 
+def critic_values(
+    models: PolicyModels, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(V_R, V_C)``, each ``[N, T]`` float32 or ``None``: the reward and cost critics' values of the response states.
+
+    Separate critics run one forward each; a shared critic (``models.shared_critic``) runs once and its two
+    outputs are the two streams' values.
+    """
+    if models.reward_critic is None:
+        return None, None
+    values = response_values(models.reward_critic, sequences, attention_mask, prompt_length)
+    if models.shared_critic:
+        return values[..., 0], values[..., 1]
+    cost_values = None
+    if models.cost_critic is not None:
+        cost_values = response_values(models.cost_critic, sequences, attention_mask, prompt_length)
+    return values, cost_values
+
+
 def oracle_scores(score, prompts: list[str], responses: list[str], device: torch.device) -> Tensor:
     """``[N]`` float32 ground-truth scores ``score(prompt, response)`` (an oracle's ``helpfulness`` or ``harm``)."""
     values = [float(score(prompt, response)) for prompt, response in zip(prompts, responses, strict=True)]
@@ -275,10 +294,8 @@ def collect_rollout(
             cost_spread = costs.std(1)
             costs = aggregate_heads(costs, models.cost_scorer.aggregate, models.cost_scorer.kappa)
     reward_values = cost_values = None
-    if with_values and models.reward_critic is not None:
-        reward_values = response_values(models.reward_critic, sequences, full_mask, prompt_length)
-        if models.cost_critic is not None:
-            cost_values = response_values(models.cost_critic, sequences, full_mask, prompt_length)
+    if with_values:
+        reward_values, cost_values = critic_values(models, sequences, full_mask, prompt_length)
     return Rollout(
         sequences,
         full_mask,

@@ -1,0 +1,126 @@
+"""The shared critic (``PolicyModule(critics="shared")``): one backbone, a reward and a cost value head.
+
+What it must do: start the reward head from the reward model and the cost head at zero; give each stream's values
+from one forward pass; train each head on its own stream's value loss only and the backbone on both; keep the
+cost critic out of the module and its checkpoints; and change nothing for an objective without a cost.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from repo_lightning.models.backbone import append_score_head, load_score_model, score_head, token_scores
+from repo_lightning.modules.policy_config import PPOUpdate
+from repo_lightning.modules.policy_steps import compute_advantages, ppo_update
+from repo_lightning.modules.rollout import critic_values
+from repo_lightning.rl.losses import clipped_value_loss
+from tests.test_policy import _fit, _policy_config, _scalars, objective
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _shared_fit(tmp_path, exports, world, algorithm="repo", **model):
+    config = _policy_config(
+        tmp_path, exports, world, model={"critics": "shared", "objective": objective(algorithm), **model}
+    )
+    return _fit(config)
+
+
+def test_append_score_head_keeps_output_0_and_starts_output_1_at_zero(tiny_exports):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_exports["reward"])
+    model = load_score_model(tokenizer, tiny_exports["reward"]).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.ones_like(ids)
+    before = token_scores(model, ids, mask)
+    append_score_head(model)
+    after = token_scores(model, ids, mask)
+    assert after.shape == (*before.shape, 2) and model.config.num_labels == 2
+    torch.testing.assert_close(after[..., 0], before, rtol=0, atol=1e-6)
+    assert torch.equal(after[..., 1], torch.zeros_like(before))
+    with pytest.raises(ValueError, match="one-output score model, got 2"):
+        append_score_head(model)
+
+
+def test_shared_critic_trains_one_backbone_with_two_heads(tmp_path, tiny_exports, tiny_world_config):
+    cli = _shared_fit(tmp_path, tiny_exports, tiny_world_config)
+    module = cli.model
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_exports["reward"])
+    assert module.cost_critic is None and module.models.shared_critic
+    head = score_head(module.reward_critic)
+    assert head.out_features == 2
+    # Both heads moved (the cost head from zero), and the backbone moved away from the reward model's.
+    assert not torch.equal(head.weight[1], torch.zeros_like(head.weight[1]))
+    assert not torch.equal(head.weight[0], score_head(reward).weight[0])
+    trunk = {k: v for k, v in module.reward_critic.state_dict().items() if not k.startswith("score.")}
+    saved = reward.state_dict()
+    assert any(not torch.equal(v, saved[k]) for k, v in trunk.items())
+    # One trained critic: no cost critic in the module's state (so none in checkpoints), and one critic group.
+    assert not any(k.startswith("cost_critic.") for k in module.state_dict())
+    critic_params = {id(p) for p in module.reward_critic.parameters()}
+    groups = module.optimizers().optimizer.param_groups
+    assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == critic_params
+    scalars = _scalars(str(tmp_path / "logs" / "policy" / "version_0"))
+    assert "train/value_loss_reward" in scalars and "train/value_loss_cost" in scalars
+    # The rollout's values are the two outputs of one forward pass.
+    rollout = module.last_rollout
+    assert rollout.reward_values is not None and rollout.cost_values is not None
+    assert not torch.equal(rollout.reward_values, rollout.cost_values)
+
+
+def test_each_head_learns_from_its_own_stream_only(tmp_path, tiny_exports, tiny_world_config):
+    """One update step's critic gradients, against each stream's value loss differentiated on its own."""
+    cli = _shared_fit(tmp_path, tiny_exports, tiny_world_config)
+    module = cli.model
+    models, rollout = module.models, module.last_rollout
+    k = module.sampling.samples_per_prompt
+    targets = compute_advantages(rollout, module.objective, module.estimation, k, module.dual.value)
+    update = PPOUpdate(ppo_epochs=1, minibatch_size=rollout.num_samples, value_loss_coef=0.7, value_clip=0.05)
+    critic = models.reward_critic
+    head = score_head(critic)
+    trunk_param = next(p for n, p in critic.named_parameters() if not n.startswith("score."))
+
+    def backward_only(loss):
+        module.zero_grad(set_to_none=True)
+        loss.backward()
+
+    torch.manual_seed(0)  # the minibatch order; one minibatch of every sample
+    ppo_update(models, rollout, targets, update, module.estimation, backward_only)
+    got_head, got_trunk = head.weight.grad.clone(), trunk_param.grad.clone()
+
+    p, mask = rollout.prompt_length, rollout.response_mask
+    expected = []
+    for stream in (0, 1):
+        critic.zero_grad(set_to_none=True)
+        values = critic_values(models, rollout.sequences, rollout.attention_mask, p)[stream]
+        old = (rollout.reward_values, rollout.cost_values)[stream]
+        returns = (targets.reward_returns, targets.cost_returns)[stream]
+        loss, _ = clipped_value_loss(values, old, returns, mask, update.value_clip)
+        (update.value_loss_coef * loss).backward()
+        expected.append((head.weight.grad.clone(), trunk_param.grad.clone()))
+    (head_r, trunk_r), (head_c, trunk_c) = expected
+    assert torch.equal(head_r[1], torch.zeros_like(head_r[1])) and torch.equal(head_c[0], torch.zeros_like(head_c[0]))
+    assert head_c[1].abs().sum() > 0 and head_r[0].abs().sum() > 0
+    torch.testing.assert_close(got_head[0], head_r[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_head[1], head_c[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_trunk, trunk_r + trunk_c, rtol=1e-4, atol=1e-7)
+
+
+def test_without_a_cost_shared_is_the_one_critic(tmp_path, tiny_exports, tiny_world_config):
+    module = _shared_fit(tmp_path, tiny_exports, tiny_world_config, algorithm="ppo").model
+    assert module.cost_critic is None and not module.models.shared_critic
+    assert score_head(module.reward_critic).out_features == 1
+    assert module.last_rollout.cost_values is None
+
+
+def test_unknown_critics_value_is_refused(tmp_path, tiny_exports, tiny_world_config):
+    config = _policy_config(tmp_path, tiny_exports, tiny_world_config, model={"critics": "pooled"})
+    with pytest.raises(SystemExit):
+        _fit(config)
