@@ -124,3 +124,16 @@ def test_unknown_critics_value_is_refused(tmp_path, tiny_exports, tiny_world_con
     config = _policy_config(tmp_path, tiny_exports, tiny_world_config, model={"critics": "pooled"})
     with pytest.raises(SystemExit):
         _fit(config)
+
+
+def test_with_lora_the_two_output_head_and_the_adapters_train(tmp_path, tiny_exports, tiny_world_config):
+    lora = {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]}
+    module = _shared_fit(tmp_path, tiny_exports, tiny_world_config, memory={"lora": lora}).model
+    trainable = {n for n, p in module.reward_critic.named_parameters() if p.requires_grad}
+    heads = [n for n in trainable if "score" in n and n.endswith("weight")]
+    assert heads and all(dict(module.reward_critic.named_parameters())[n].shape[0] == 2 for n in heads), (
+        "the widened head is the one trained"
+    )
+    assert any(".lora_" in n for n in trainable)
+    head = dict(module.reward_critic.named_parameters())[heads[0]]
+    assert not torch.equal(head[1], torch.zeros_like(head[1]))
