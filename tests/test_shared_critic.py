@@ -1,6 +1,7 @@
 """The shared critic (``PolicyModule(critics="shared")``): one backbone, a reward and a cost value head.
 
-What it must do: start the reward head from the reward model and the cost head at zero; give each stream's values
+What it must do: start the backbone and the cost head from the cost model and the reward head at zero (the cost
+value is the one the multiplier scales, so it is the one that starts trained); give each stream's values
 from one forward pass; train each head on its own stream's value loss only and the backbone on both; keep the
 cost critic out of the module and its checkpoints; and change nothing for an objective without a cost.
 """
@@ -14,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from repo_lightning.models.backbone import append_score_head, load_score_model, score_head, token_scores
 from repo_lightning.modules.policy_config import PPOUpdate
 from repo_lightning.modules.policy_steps import compute_advantages, ppo_update
-from repo_lightning.modules.rollout import critic_values
+from repo_lightning.modules.rollout import critic_values, response_values
 from repo_lightning.rl.losses import clipped_value_loss
 from tests.test_policy import _fit, _policy_config, _scalars, objective
 
@@ -34,17 +35,18 @@ def _shared_fit(tmp_path, exports, world, algorithm="repo", **model):
     return _fit(config)
 
 
-def test_append_score_head_keeps_output_0_and_starts_output_1_at_zero(tiny_exports):
+@pytest.mark.parametrize("keep_as", [0, 1])
+def test_append_score_head_keeps_the_saved_output_and_starts_the_other_at_zero(tiny_exports, keep_as):
     tokenizer = AutoTokenizer.from_pretrained(tiny_exports["reward"])
     model = load_score_model(tokenizer, tiny_exports["reward"]).eval()
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     mask = torch.ones_like(ids)
     before = token_scores(model, ids, mask)
-    append_score_head(model)
+    append_score_head(model, keep_as)
     after = token_scores(model, ids, mask)
     assert after.shape == (*before.shape, 2) and model.config.num_labels == 2
-    torch.testing.assert_close(after[..., 0], before, rtol=0, atol=1e-6)
-    assert torch.equal(after[..., 1], torch.zeros_like(before))
+    torch.testing.assert_close(after[..., keep_as], before, rtol=0, atol=1e-6)
+    assert torch.equal(after[..., 1 - keep_as], torch.zeros_like(before))
     with pytest.raises(ValueError, match="one-output score model, got 2"):
         append_score_head(model)
 
@@ -52,15 +54,16 @@ def test_append_score_head_keeps_output_0_and_starts_output_1_at_zero(tiny_expor
 def test_shared_critic_trains_one_backbone_with_two_heads(tmp_path, tiny_exports, tiny_world_config):
     cli = _shared_fit(tmp_path, tiny_exports, tiny_world_config)
     module = cli.model
-    reward = AutoModelForSequenceClassification.from_pretrained(tiny_exports["reward"])
+    cost = AutoModelForSequenceClassification.from_pretrained(tiny_exports["cost"])
     assert module.cost_critic is None and module.models.shared_critic
     head = score_head(module.reward_critic)
     assert head.out_features == 2
-    # Both heads moved (the cost head from zero), and the backbone moved away from the reward model's.
-    assert not torch.equal(head.weight[1], torch.zeros_like(head.weight[1]))
-    assert not torch.equal(head.weight[0], score_head(reward).weight[0])
+    # Both heads moved (the reward head from zero, the cost head from the cost model's), and so did the backbone.
+    assert not torch.equal(head.weight[0], torch.zeros_like(head.weight[0]))
+    assert not torch.equal(head.weight[1], score_head(cost).weight[0])
     trunk = {k: v for k, v in module.reward_critic.state_dict().items() if not k.startswith("score.")}
-    saved = reward.state_dict()
+    saved = cost.state_dict()
+    assert trunk.keys() <= saved.keys()
     assert any(not torch.equal(v, saved[k]) for k, v in trunk.items())
     # One trained critic: no cost critic in the module's state (so none in checkpoints), and one critic group.
     assert not any(k.startswith("cost_critic.") for k in module.state_dict())
@@ -69,10 +72,13 @@ def test_shared_critic_trains_one_backbone_with_two_heads(tmp_path, tiny_exports
     assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == critic_params
     scalars = _scalars(str(tmp_path / "logs" / "policy" / "version_0"))
     assert "train/value_loss_reward" in scalars and "train/value_loss_cost" in scalars
-    # The rollout's values are the two outputs of one forward pass.
+    # The one iteration's rollout ran before the update: its reward values are the zero head's, its cost values the
+    # cost model's own per-token scores.
     rollout = module.last_rollout
-    assert rollout.reward_values is not None and rollout.cost_values is not None
-    assert not torch.equal(rollout.reward_values, rollout.cost_values)
+    assert torch.equal(rollout.reward_values, torch.zeros_like(rollout.reward_values))
+    expected = response_values(module.cost_model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    torch.testing.assert_close(rollout.cost_values, expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().sum() > 0
 
 
 def test_each_head_learns_from_its_own_stream_only(tmp_path, tiny_exports, tiny_world_config):
@@ -136,4 +142,4 @@ def test_with_lora_the_two_output_head_and_the_adapters_train(tmp_path, tiny_exp
     )
     assert any(".lora_" in n for n in trainable)
     head = dict(module.reward_critic.named_parameters())[heads[0]]
-    assert not torch.equal(head[1], torch.zeros_like(head[1]))
+    assert not torch.equal(head[0], torch.zeros_like(head[0]))  # the reward head, from zero

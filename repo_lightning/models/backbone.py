@@ -193,24 +193,26 @@ def _collapse_heads(model: PreTrainedModel) -> None:
     model.num_labels = 1
 
 
-def append_score_head(model: PreTrainedModel) -> None:
-    """Give a one-output score model a second output: the saved head stays output 0, output 1 starts at zero.
+def append_score_head(model: PreTrainedModel, keep_as: int = 0) -> None:
+    """Give a one-output score model a second output: the saved head becomes output ``keep_as``, the other starts at 0.
 
-    The shared critic (``PolicyModule(critics="shared")``): one backbone, a reward value (output 0, the loaded
-    reward model's head) and a cost value (output 1). The new output reads 0 everywhere at the start (zero weights
-    and bias) rather than a head trained on another backbone's features.
+    The shared critic (``PolicyModule(critics="shared")``): one backbone, a reward value (output 0) and a cost value
+    (output 1); the backbone and one head come from one saved model. The new output reads 0 everywhere at the start
+    (zero weights and bias) rather than a head trained on another backbone's features.
     """
     head = score_head(model)
     if head.out_features != 1:
         raise ValueError(f"a shared critic starts from a one-output score model, got {head.out_features} outputs")
+    if keep_as not in (0, 1):
+        raise ValueError(f"keep_as must be 0 or 1, got {keep_as}")
     wide = nn.Linear(head.in_features, 2, bias=head.bias is not None, dtype=head.weight.dtype)
     wide = wide.to(head.weight.device)
     with torch.no_grad():
         wide.weight.zero_()
-        wide.weight[0].copy_(head.weight[0])
+        wide.weight[keep_as].copy_(head.weight[0])
         if head.bias is not None:
             wide.bias.zero_()
-            wide.bias[0].copy_(head.bias[0])
+            wide.bias[keep_as].copy_(head.bias[0])
     model.score = wide
     model.config.num_labels = 2
     model.num_labels = 2

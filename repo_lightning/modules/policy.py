@@ -72,9 +72,10 @@ class PolicyModule(L.LightningModule):
         critic_init: ``score_model`` starts each critic from the reward / cost model (needs the policy's
             tokenizer); ``actor`` starts both from the actor's backbone with a fresh head.
         critics: With the ``gae`` estimator and a cost: ``separate`` (default) trains a reward critic and a cost
-            critic (two models, as Safe RLHF); ``shared`` trains one backbone with two value heads (reward: the
-            ``critic_init`` model's head; cost: a new head starting at zero), so ``repo`` / ``ppo_lag`` train and
-            run as many networks as ``ppo`` (algorithm.md section 10). Without a cost the two are the same.
+            critic (two models, as Safe RLHF); ``shared`` trains one backbone with two value heads (cost: the
+            backbone and head of the cost model, or of the actor with ``critic_init: actor``; reward: a new head
+            starting at zero), so ``repo`` / ``ppo_lag`` train and run as many networks as ``ppo`` (algorithm.md
+            section 10). Without a cost the two are the same.
         objective: What is optimised: ``PPO``, ``PPOLagrangian`` (Safe RLHF) or ``RePO`` (default) from
             ``repo_lightning.objectives``, or your own subclass of ``Objective``.
         dual: The multiplier and its update rule (``DualVariable`` with a ``LogRule`` by default).

@@ -140,7 +140,7 @@ def load_policy_models(
         reuse = same_tokenizer(score_tokenizer, tokenizer) and template == sources.policy_template
         return Scorer(model, score_tokenizer, template, reuse, aggregate=aggregate, kappa=scoring.cost_kappa)
 
-    def critic(path: str, score: Scorer, shared: bool = False) -> PreTrainedModel:
+    def critic(path: str, score: Scorer, shared_head: int | None = None) -> PreTrainedModel:
         if sources.critic_init == "actor":
             model = load_score_model(tokenizer, sources.actor_path, **common)
         elif not same_tokenizer(score.tokenizer, tokenizer):
@@ -150,8 +150,8 @@ def load_policy_models(
             )
         else:
             model = load_score_model(tokenizer, path, **common)
-        if shared:
-            append_score_head(model)  # before LoRA, so the adapters' head is the two-output one
+        if shared_head is not None:
+            append_score_head(model, shared_head)  # before LoRA, so the adapters' head is the two-output one
         return trained(model)
 
     actor = trained(load_causal_lm(tokenizer, sources.actor_path, **common))
@@ -168,9 +168,11 @@ def load_policy_models(
         ]
     reward_critic = cost_critic = None
     shared = with_critics and with_cost and sources.critics == "shared"
-    if with_critics:
-        reward_critic = critic(sources.reward_model_path, reward_scorer, shared=shared)
-        if with_cost and not shared:
+    if shared:  # from the cost model: the cost value, which the multiplier scales, starts trained
+        reward_critic = critic(sources.cost_model_path, cost_scorer, shared_head=1)
+    elif with_critics:
+        reward_critic = critic(sources.reward_model_path, reward_scorer)
+        if with_cost:
             cost_critic = critic(sources.cost_model_path, cost_scorer)
     return PolicyModels(
         tokenizer,
