@@ -270,6 +270,15 @@ def test_policy_under_fsdp2_keeps_ranks_in_step_and_resumes_from_a_sharded_check
     assert out.shape[1] > 1
 
 
+def test_policy_with_a_shared_critic_under_fsdp2_keeps_ranks_in_step(tmp_path, tiny_exports):
+    trainer = {"strategy": MODEL_PARALLEL, "devices": 2}
+    config = _config(tmp_path, "policy", tiny_exports, trainer=trainer, model={"critics": "shared"})
+    _launch(config)
+    ranks = _ranks(tmp_path)
+    _assert_ranks_agree(ranks, steps=2, strategy="ModelParallelStrategy")
+    assert {"train/value_loss_reward", "train/value_loss_cost"} <= ranks[0]["steps"][0]["metrics"].keys()
+
+
 def test_cost_under_fsdp2_with_lora_checkpointing_and_bf16_exports_merged_weights(tmp_path, tiny_exports):
     pytest.importorskip("peft")
     memory = {
