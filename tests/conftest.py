@@ -47,6 +47,19 @@ TINY_MODEL = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    The models are tiny, and on a shared 2-core machine thread spin-waits cost about 10x; one thread also makes a
+    run and its subprocesses sum in the same order.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_world_config() -> WorldConfig:
     """A SafetyWorld config small enough to generate in milliseconds (6 topics, 64 SFT/preference rows)."""

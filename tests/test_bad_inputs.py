@@ -28,6 +28,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from repo_lightning.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STAGES = {
     "sft": ("repo_lightning.modules.SFTModule", "sft"),
     "reward": ("repo_lightning.modules.RewardModule", "preference"),
@@ -43,14 +45,6 @@ PREFERENCE_ROW = {
     "is_response_0_safe": True,
     "is_response_1_safe": True,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(root: Path, stage: str, exports: dict[str, str]) -> dict:

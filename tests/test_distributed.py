@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from repo_lightning.cli import main
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
@@ -145,15 +145,6 @@ def _assert_ranks_agree(ranks: list[dict], steps: int, strategy: str) -> None:
         assert a["metrics"].keys() == b["metrics"].keys() and a["metrics"]
         assert a["metrics"] == b["metrics"]  # reduced across ranks: bit-identical
         assert a.get("lambda") == b.get("lambda")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread in this process too (the in-process single-device runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ import torch
 from test_policy import _constant_score_model, _fit, _policy_config, _scalars
 from transformers import AutoModelForCausalLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_fourth_algorithm_is_one_class(tmp_path, tiny_exports, tiny_world_config):

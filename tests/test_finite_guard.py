@@ -17,13 +17,7 @@ from repo_lightning.errors import NonFiniteError
 from repo_lightning.finite_guard import FiniteGuard, check_finite, first_nonfinite_weight
 from repo_lightning.models.export import export_pretrained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_check_finite_names_the_quantity_the_share_and_the_source():

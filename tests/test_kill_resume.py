@@ -21,18 +21,11 @@ from kill_switch import KILL_ENV
 
 from repo_lightning.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS_PER_EPOCH = 3
 KILL_POINTS = (1, 3, 4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread here and in the subprocesses, so both compute in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(tmp_path: Path, run: str, exports: dict[str, str]) -> str:

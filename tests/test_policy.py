@@ -28,6 +28,8 @@ from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.safetyworld.tokenizer import build_word_tokenizer
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TRAIN_SCALARS = (
     "train/dual_statistic",
     "train/reward_mean",
@@ -44,15 +46,6 @@ TRAIN_SCALARS = (
     "train/response_len_mean",
     "train/rectified_cost_mean",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _policy_single_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core box thread spin-waits cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _world_overrides(config: WorldConfig) -> dict:

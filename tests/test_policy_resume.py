@@ -15,14 +15,7 @@ import yaml
 
 from repo_lightning.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _policy_single_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core box thread spin-waits cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(tmp_path: Path, run: str, exports: dict[str, str], max_epochs: int, critics: str = "separate") -> str:

@@ -14,17 +14,11 @@ from repo_lightning.modules.policy_config import Sampling
 from repo_lightning.modules.rollout import collect_rollout, response_logits, response_logprobs, sample_responses
 from repo_lightning.text.tokenizers import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: Prompt lengths of the batch: left padding on all rows but the longest.
 PROMPT_LENGTHS = (7, 3, 5, 1, 7, 2, 4, 6)
 MAX_NEW_TOKENS = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _prompts(tok, repeat: int = 2):

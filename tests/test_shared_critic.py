@@ -19,13 +19,7 @@ from repo_lightning.modules.rollout import critic_values, response_values
 from repo_lightning.rl.losses import clipped_value_loss
 from tests.test_policy import _fit, _policy_config, _scalars, objective
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _shared_fit(tmp_path, exports, world, algorithm="repo", **model):
