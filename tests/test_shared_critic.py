@@ -8,6 +8,8 @@ cost critic out of the module and its checkpoints; and change nothing for an obj
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -137,3 +139,23 @@ def test_with_lora_the_two_output_head_and_the_adapters_train(tmp_path, tiny_exp
     assert any(".lora_" in n for n in trainable)
     head = dict(module.reward_critic.named_parameters())[heads[0]]
     assert not torch.equal(head[0], torch.zeros_like(head[0]))  # the reward head, from zero
+
+
+def test_a_nonfinite_shared_critic_value_is_named_as_the_shared_critic(
+    tmp_path, tiny_exports, tiny_world_config, monkeypatch, capsys
+):
+    import repo_lightning.modules.rollout as rollout_module
+
+    real = rollout_module.critic_values
+
+    def nan_reward_values(*args):
+        reward_values, cost_values = real(*args)
+        return torch.full_like(reward_values, float("nan")), cost_values
+
+    monkeypatch.setattr(rollout_module, "critic_values", nan_reward_values)
+    with pytest.raises(SystemExit):
+        _shared_fit(tmp_path, tiny_exports, tiny_world_config)
+    source = f"the shared critic (reward_critic, started from model.init_args.cost_model_path={tiny_exports['cost']!r})"
+    err = capsys.readouterr().err
+    assert re.search(r"error: non-finite reward_values \((\d+) of \1 values NaN\) from ", err), err
+    assert f" from {source}; stopped before the optimizer step" in err

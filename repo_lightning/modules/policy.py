@@ -302,7 +302,12 @@ class PolicyModule(L.LightningModule):
             "reward_values": (rollout.reward_values, "reward_critic"),
             "cost_values": (rollout.cost_values, "cost_critic"),
         }
-        if not self._finite({n: (t, model_source(self, m)) for n, (t, m) in scored.items()}):
+        sources = {n: model_source(self, m) for n, (_, m) in scored.items()}
+        if self.models.shared_critic:  # one critic, started from the cost model, gives both streams' values
+            key = "actor_path" if self.hparams.critic_init == "actor" else "cost_model_path"
+            shared = f"the shared critic (reward_critic, started from model.init_args.{key}={self.hparams[key]!r})"
+            sources["reward_values"] = sources["cost_values"] = shared
+        if not self._finite({n: (t, sources[n]) for n, (t, _) in scored.items()}):
             return
         multiplier = self.dual.value.to(self.device)
         targets = compute_advantages(rollout, self.objective, self.estimation, k, multiplier)
