@@ -389,17 +389,7 @@ def _foreign_exports(tmp_path: Path, exports: dict[str, str], world: WorldConfig
     paths = dict(exports)
     for seed, name in ((3, "reward"), (4, "cost")):
         torch.manual_seed(seed)
-        model = load_score_model(
-            tokenizer,
-            model_config={
-                "model_type": "llama",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "num_key_value_heads": 2,
-            },
-        )
+        model = load_score_model(tokenizer, model_config=TINY_SCORE_CONFIG)
         paths[name] = str(tmp_path / f"foreign_{name}")
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
