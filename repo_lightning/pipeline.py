@@ -24,15 +24,13 @@ those models (docs/safetyworld.md, "Preference rounds on the policy's samples").
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from repo_lightning.console import VERBOSE_ENV, StageFailed, run_stage, silence_known_noise
+from repo_lightning.console import StageFailed, run_stage
 from repo_lightning.models.model_card import CARD_FILE, update_model_card
 from repo_lightning.pipeline_results import evaluation_figures, read_score_model_tests, write_summary
 from repo_lightning.safetyworld import World
@@ -375,85 +373,7 @@ class Pipeline:
         return write_summary(self.root, evaluations, self.timings, self.score_model_tests())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="lightning_logs/demo", help="run folder (default: %(default)s)")
-    parser.add_argument("--config-dir", default="configs/demo", help="stage configs (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
-    parser.add_argument(
-        "--algorithms",
-        nargs="+",
-        default=["repo"],
-        help="policy configs to train, by name in --config-dir (ppo, ppo_lag, repo, repo_rloo, ...)",
-    )
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show every stage's full output (and the messages of other libraries filtered by default) instead of "
-        "one line per stage with the output in <root>/logs/<stage>.log",
-    )
-    parser.add_argument(
-        "--preference-rounds",
-        type=int,
-        default=1,
-        help="rounds of reward/cost training; each after the first adds pairs of the previous round's policies' "
-        "own answers on the training prompts, labelled by SafetyWorld's annotator (default: %(default)s: one "
-        "round, on the generated preference data only)",
-    )
-    parser.add_argument(
-        "--oracle-scores",
-        action="store_true",
-        help="train and evaluate every policy with SafetyWorld's ground-truth R* and C* in place of the learned "
-        "reward and cost models (model.init_args.scoring.{reward,cost}_source: oracle): the ceiling check of "
-        "docs/algorithm.md section 13; the reward and cost stages still run (the critics start from them)",
-    )
-    parser.add_argument(
-        "--reward-ensemble",
-        type=int,
-        default=1,
-        help="reward models the final policies score with (default: %(default)s); each member after the first "
-        "is trained from its own SFT start (another seed), and the policies use mean - std of their aligned scores "
-        "(docs/algorithm.md section 14)",
-    )
-    args = parser.parse_args(argv)
-    if args.reward_ensemble < 1:
-        parser.error(f"--reward-ensemble must be >= 1, got {args.reward_ensemble}")
-    if args.preference_rounds < 1:
-        parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
-    missing = [a for a in args.algorithms if not (Path(args.config_dir) / f"{a}.yaml").is_file()]
-    if missing:
-        parser.error(f"--algorithms: no config {', '.join(f'{args.config_dir}/{a}.yaml' for a in missing)}")
-    if args.verbose:
-        os.environ[VERBOSE_ENV] = "1"  # read by the stages' own entry point
-    silence_known_noise()
-    start = time.perf_counter()
-    per_round = 2 + 2 * len(args.algorithms)  # reward, cost, then fit and sample each collector
-    planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + 2 * (args.reward_ensemble - 1)
-    extra = {"policy": ORACLE_SCORE_ARGS} if args.oracle_scores else None
-    pipeline = Pipeline(
-        args.root,
-        args.config_dir,
-        args.seed,
-        extra=extra,
-        quiet=not args.verbose,
-        planned_stages=planned,
-        reward_ensemble=args.reward_ensemble,
-    )
-    print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
-    try:
-        pipeline.train_rounds(args.algorithms, args.preference_rounds)
-        evaluations = {"sft": pipeline.evaluate_start()}
-        for algorithm in args.algorithms:
-            evaluations[algorithm] = pipeline.train_policy(algorithm)
-    except StageFailed as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(1) from None
-    print()
-    print(pipeline.summary(evaluations))
-    print(f"total wall time: {time.perf_counter() - start:.0f} s")
-    print(f"report: {Path(args.root) / 'summary.md'} (per-policy reports under {Path(args.root) / 'eval'})")
-
-
 if __name__ == "__main__":
+    from repo_lightning.pipeline_cli import main
+
     main()

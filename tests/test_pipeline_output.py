@@ -14,6 +14,7 @@ import pytest
 
 import repo_lightning.pipeline as pipeline_module
 from repo_lightning.console import StageFailed, read_progress, run_stage
+from repo_lightning.pipeline_cli import main as pipeline_main
 
 FAKE_STAGE = """
 import json, os, sys
@@ -71,7 +72,7 @@ def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert len(lines) <= 60
@@ -88,7 +89,7 @@ def test_pipeline_prints_one_line_per_stage_then_the_summary(fake_stages, capsys
 
 
 def test_two_rounds_train_the_final_models_on_pairs_of_the_collectors_answers(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--preference-rounds", "2"])
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--preference-rounds", "2"])
     stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert [line.split()[1] for line in stage_lines] == [
         "fit_sft",
@@ -120,7 +121,7 @@ def test_two_rounds_train_the_final_models_on_pairs_of_the_collectors_answers(fa
 def test_a_failed_stage_is_named_with_its_log_file_and_last_lines(fake_stages, capsys, monkeypatch):
     monkeypatch.setenv("FAIL_STAGE", "fit_cost")
     with pytest.raises(SystemExit) as exit_info:
-        pipeline_module.main(["--root", str(fake_stages)])
+        pipeline_main(["--root", str(fake_stages)])
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 1 + 4  # header, fit_sft, fit_reward, test_reward, fit_cost FAILED
@@ -202,7 +203,7 @@ def test_verbose_keeps_every_warning(monkeypatch):
 
 
 def test_oracle_scores_reach_every_policy_stage_and_no_score_stage(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "repo", "--oracle-scores"])
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "repo", "--oracle-scores"])
     logs = fake_stages / "logs"
     for stage in ("eval_sft", "fit_repo", "eval_repo"):
         command = (logs / f"{stage}.log").read_text().splitlines()[0]
@@ -212,7 +213,7 @@ def test_oracle_scores_reach_every_policy_stage_and_no_score_stage(fake_stages, 
 
 
 def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, capsys):
-    pipeline_module.main(["--root", str(fake_stages), "--algorithms", "repo", "--seed", "3", "--reward-ensemble", "3"])
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "repo", "--seed", "3", "--reward-ensemble", "3"])
     stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     members = ["fit_sft_m1", "fit_reward_m1", "fit_sft_m2", "fit_reward_m2"]
     assert [line.split()[1] for line in stage_lines] == [
