@@ -252,6 +252,47 @@ def test_preference_minimal_pairs(world: World, preference_rows: list[dict]) -> 
     assert 0.3 <= one_word / len(preference_rows) < 0.45  # plus independent draws that happen to differ so
 
 
+def test_topic_swap_edit(world: World) -> None:
+    """``swap_topic`` replaces one on-topic content word by the same kind of word of another topic, and only then."""
+    rng = random.Random(0)
+    topic = _topic(world, "hazard_mild")
+    x = _prompt(topic)
+    sa, d = topic.safe_alt, topic.detail
+    other_safe_alt = {w for t in world.topics if t.index != topic.index for w in t.safe_alt}
+    other_detail = {w for t in world.topics if t.index != topic.index for w in t.detail}
+    for _ in range(20):
+        swapped = edit_response(topic, f"{sa[0]} then {sa[1]}", rng, world.topics, "swap_topic").split()
+        assert len(swapped) == 3 and swapped[1] == "then"
+        assert sum(w in sa for w in swapped) == 1 and sum(w in other_safe_alt for w in swapped) == 1
+        # one guidance word fewer and one off-topic word more: 1.0 -> 0.5 - 0.25
+        assert world.helpfulness(x, " ".join(swapped)) == 0.25
+        swapped = edit_response(topic, f"{d[0]} {sa[0]}", rng, world.topics, "swap_topic").split()
+        assert swapped in ([d[0], swapped[1]], [swapped[0], sa[0]])
+        assert swapped[1] in other_safe_alt if swapped[0] == d[0] else swapped[0] in other_detail
+    # nothing of the topic to swap: a topic word is added instead
+    assert edit_response(topic, "first then", rng, world.topics, "swap_topic").split()[0:3] != ["first", "then"]
+    # the option: 0 gives the default rows exactly; 1 makes every edit a topic swap
+    default = World(WorldConfig(num_preference_rows=300)).preference_rows()
+    assert World(WorldConfig(num_preference_rows=300, preference_topic_swap_prob=0.0)).preference_rows() == default
+
+    def topic_swaps(rows: list[dict]) -> float:
+        """Share of pairs that differ in one word, an on-topic content word against another topic's same kind."""
+        swaps = 0
+        for r in rows:
+            topic = world.topic_of(r["prompt"])
+            a, b = r["response_0"].split(), r["response_1"].split()
+            if len(a) == len(b) and sum(u != v for u, v in zip(a, b, strict=True)) == 1:
+                u, v = next((u, v) for u, v in zip(a, b, strict=True) if u != v)
+                swaps += (u in topic.safe_alt and v in other_safe_alt) or (u in topic.detail and v in other_detail)
+        return swaps / len(rows)
+
+    swapped_rows = World(WorldConfig(num_preference_rows=600, preference_topic_swap_prob=1.0)).preference_rows()
+    assert topic_swaps(swapped_rows) > 0.15  # edit_prob 0.3 x the share of first answers with a content word
+    assert topic_swaps(World(WorldConfig(num_preference_rows=600)).preference_rows()) < 0.05
+    with pytest.raises(ValueError, match="preference_topic_swap_prob"):
+        WorldConfig(preference_topic_swap_prob=1.5)
+
+
 def test_sft_mixture(world: World) -> None:
     rows = world.sft_rows()
     assert len(rows) == 3000

@@ -70,6 +70,10 @@ class WorldConfig:
             instead of an independent draw. Independent draws differ in many words at once, mostly in their
             detail count, so they teach a reward model little about single words: whether a safe_alt word is the
             prompt topic's own, whether a repeated word counts. Minimal pairs isolate those.
+        preference_topic_swap_prob: Probability that such an edit is a *topic swap* (``generate.TOPIC_SWAP``): one
+            content word of the prompt's topic replaced by the same kind of word (detail, safe_alt) of another
+            topic, the one contrast that says which safety guidance belongs to which prompt; otherwise the edit is
+            drawn uniformly from ``generate.EDITS``. 0 gives the earlier rows exactly.
         label_noise: Probability that each ``is_response_i_safe`` label is flipped (annotator noise).
         preference_temperature: ``T`` in ``P(better = 0) = sigmoid((R*_0 - R*_1) / T)`` (and likewise for the
             safer label with ``-C*``).
@@ -116,6 +120,7 @@ class WorldConfig:
     preference_babble_prob: float = 0.1
     max_babble_words: int = 12
     preference_edit_prob: float = 0.3
+    preference_topic_swap_prob: float = 0.0
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2
@@ -147,19 +152,15 @@ class WorldConfig:
             "mixtures have 4 non-negative entries with a positive sum": all(
                 len(m) == 4 and min(m) >= 0 and sum(m) > 0 for m in (self.benign_mixture, self.hazard_mixture)
             ),
-            "probabilities in [0, 1]": all(
-                0 <= p <= 1
-                for p in (
-                    self.detail_safe_alt_prob,
-                    self.filler_prob,
-                    self.off_topic_prob,
-                    self.preference_off_topic_prob,
-                    self.preference_empty_prob,
-                    self.preference_babble_prob,
-                    self.preference_edit_prob,
-                    self.label_noise,
-                )
-            ),
+            "0 <= detail_safe_alt_prob <= 1": 0 <= self.detail_safe_alt_prob <= 1,
+            "0 <= filler_prob <= 1": 0 <= self.filler_prob <= 1,
+            "0 <= off_topic_prob <= 1": 0 <= self.off_topic_prob <= 1,
+            "0 <= preference_off_topic_prob <= 1": 0 <= self.preference_off_topic_prob <= 1,
+            "0 <= preference_empty_prob <= 1": 0 <= self.preference_empty_prob <= 1,
+            "0 <= preference_babble_prob <= 1": 0 <= self.preference_babble_prob <= 1,
+            "0 <= preference_edit_prob <= 1": 0 <= self.preference_edit_prob <= 1,
+            "0 <= preference_topic_swap_prob <= 1": 0 <= self.preference_topic_swap_prob <= 1,
+            "0 <= label_noise <= 1": 0 <= self.label_noise <= 1,
             "preference_off_topic_prob + preference_empty_prob + preference_babble_prob <= 1": (
                 self.preference_off_topic_prob + self.preference_empty_prob + self.preference_babble_prob <= 1
             ),

@@ -284,6 +284,9 @@ def sample_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> s
 #: The edits of :func:`edit_response`.
 EDITS: tuple[str, ...] = ("add", "drop", "repeat", "swap_off_topic")
 
+#: An edit that ``edit_response`` also accepts but never draws by itself (``WorldConfig.preference_topic_swap_prob``).
+TOPIC_SWAP = "swap_topic"
+
 
 def edit_response(
     topic: Topic, response: str, rng: random.Random, other_topics: Sequence[Topic], edit: str | None = None
@@ -292,23 +295,30 @@ def edit_response(
 
     Edits: ``add`` one content word (detail or safe_alt) of the prompt's topic at a random place; ``drop`` one
     word; ``repeat`` one content word (a repeated word adds nothing to ``R*``: the oracles count distinct words);
-    ``swap_off_topic``: replace one word by a content word of another topic. A response without words (empty or a
-    refusal) always gets ``add``; one without content words cannot get ``repeat`` and gets ``add`` instead.
+    ``swap_off_topic``: replace one word by a content word of another topic; ``swap_topic`` (:data:`TOPIC_SWAP`,
+    only when asked for): replace one *content* word of the prompt's topic by a word of the same kind (detail for
+    detail, safe_alt for safe_alt) of another topic, so that the pair differs only in whether that word belongs to
+    the prompt's topic. A response without words (empty or a refusal) always gets ``add``; one without content words
+    cannot get ``repeat`` or ``swap_topic`` and gets ``add`` instead.
 
     Args:
         topic: The prompt's topic.
         response: The response to edit.
         rng: Source of randomness.
         other_topics: Topics an off-topic word may come from.
-        edit: One of :data:`EDITS`, or ``None`` to draw one uniformly.
+        edit: One of :data:`EDITS` or :data:`TOPIC_SWAP`, or ``None`` to draw one of :data:`EDITS` uniformly.
     """
     edit = edit if edit is not None else rng.choice(EDITS)
-    if edit not in EDITS:
-        raise ValueError(f"unknown edit {edit!r}; expected one of {EDITS}")
+    if edit not in (*EDITS, TOPIC_SWAP):
+        raise ValueError(f"unknown edit {edit!r}; expected one of {(*EDITS, TOPIC_SWAP)}")
     words = [] if response == REFUSAL else response.split()
     content = [i for i, w in enumerate(words) if w in _content(topic)]
     others = [t for t in other_topics if t.index != topic.index]
-    if not words or (edit == "repeat" and not content) or (edit == "swap_off_topic" and not others):
+    if (
+        not words
+        or (edit in ("repeat", TOPIC_SWAP) and not content)
+        or (edit in ("swap_off_topic", TOPIC_SWAP) and not others)
+    ):
         edit = "add"
     if edit == "add":
         words.insert(rng.randint(0, len(words)), rng.choice(_content(topic)))
@@ -317,6 +327,10 @@ def edit_response(
     elif edit == "repeat":
         i = rng.choice(content)
         words.insert(i + 1, words[i])
+    elif edit == TOPIC_SWAP:
+        i = rng.choice(content)
+        stray = rng.choice(others)
+        words[i] = rng.choice(stray.detail if words[i] in topic.detail else stray.safe_alt)
     else:
         stray = rng.choice(others)
         words[rng.randrange(len(words))] = rng.choice(_content(stray))

@@ -24,6 +24,7 @@ from repo_lightning.safetyworld.config import WorldConfig
 from repo_lightning.safetyworld.generate import (
     FILLER_WORDS,
     REFUSAL,
+    TOPIC_SWAP,
     Topic,
     edit_response,
     make_topics,
@@ -141,7 +142,8 @@ class World:
 
     def _second_response(self, topic: Topic, first: str, edited: bool, rng: random.Random) -> str:
         if edited:
-            return edit_response(topic, first, rng, self.topics)
+            swap = self.config.preference_topic_swap_prob > 0 and rng.random() < self.config.preference_topic_swap_prob
+            return edit_response(topic, first, rng, self.topics, TOPIC_SWAP if swap else None)
         return self.preference_response(topic, rng)
 
     def sft_rows(self) -> list[dict]:
