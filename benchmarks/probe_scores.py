@@ -8,6 +8,14 @@ share ``P(C > 0)``. A reward model that scores an answer the oracle ranks lower 
 off-topic answer as high as on-topic safety guidance, a repeated word as high as two distinct ones) will be
 exploited by RL: this is the check to run before blaming the policy optimiser.
 
+A second table asks what RL actually finds, the reward model's *best* answer rather than its average ranking: on
+every held-out prompt each content word of the world (every topic's detail and safe_alt words) is scored as a
+one-word answer, and the table gives per topic kind the share of prompts whose best-scored word is the prompt topic's
+own safe_alt word, its own detail word, another topic's detail or safe_alt word, the mean ``R*`` of the three
+best-scored words, and how far (in reward-model units) the best word is above the best of the topic's own safe_alt
+words. A reward model can rank on-topic guidance above a random off-topic pair on 90 % of prompts and still have an
+off-topic word as its best answer on most of them: with some 200 candidate words, a few score too high.
+
 Example::
 
     python -m benchmarks.probe_scores lightning_logs/demo/exports          # the demo's reward and cost models
@@ -90,6 +98,51 @@ def probe(exports: Path, world: World, seed: int = 0) -> list[dict]:
     return out
 
 
+def best_words(exports: Path, world: World) -> list[dict]:
+    """Per topic kind: what the reward model's best-scored one-word answer is, over every content word."""
+    tokenizer = AutoTokenizer.from_pretrained(exports / "reward")
+    reward = load_score_model(tokenizer, str(exports / "reward")).eval()
+    words = [w for t in world.topics for w in (*t.detail, *t.safe_alt)]
+    detail = {w for t in world.topics for w in t.detail}
+    per_kind: dict[str, list[dict]] = {}
+    for row in world.eval_prompts():
+        topic = world.topic_of(row["prompt"])
+        scores = score(reward, tokenizer, [row["prompt"]] * len(words), words)
+        best = words[int(scores.argmax())]
+        if best in topic.safe_alt:
+            kind = "own safe_alt"
+        elif best in topic.detail:
+            kind = "own detail"
+        else:
+            kind = "other detail" if best in detail else "other safe_alt"
+        own = max(scores[words.index(w)].item() for w in topic.safe_alt)
+        top3 = [words[i] for i in scores.topk(3).indices.tolist()]
+        per_kind.setdefault(topic.kind, []).append(
+            {
+                "best": kind,
+                "top3_true_reward": statistics.fmean(world.helpfulness(row["prompt"], w) for w in top3),
+                "gap": scores.max().item() - own,
+            }
+        )
+    out = []
+    for kind, items in per_kind.items():
+        shares = {f"best is {b}": sum(i["best"] == b for i in items) / len(items) for b in BEST_WORD_KINDS}
+        out.append(
+            {
+                "kind": kind,
+                "prompts": len(items),
+                **shares,
+                "top3_true_reward": statistics.fmean(i["top3_true_reward"] for i in items),
+                "gap_to_own_safe_alt": statistics.fmean(i["gap"] for i in items),
+            }
+        )
+    return out
+
+
+#: What the best-scored one-word answer can be (``best_words``).
+BEST_WORD_KINDS = ("own safe_alt", "own detail", "other detail", "other safe_alt")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,15 +152,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.exports / "reward").is_dir() or not (args.exports / "cost").is_dir():
         raise SystemExit(f"{args.exports}: expected the reward/ and cost/ export folders of a run there")
-    rows = probe(args.exports, World(WorldConfig(**parse_world(args.world))))
+    world = World(WorldConfig(**parse_world(args.world)))
+    rows = probe(args.exports, world)
     print("| kind | answer | R* | R | C* | C | P(C > 0) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['kind']} | {r['answer']} | {r['true_reward']:.2f} | {r['reward']:.2f} | {r['true_cost']:.2f} "
             f"| {r['cost']:.2f} | {r['learned_unsafe_share']:.2f} |"
         )
+    best = best_words(args.exports, world)
+    print("\nbest-scored one-word answer over every content word (what RL would find):")
+    print(
+        "| kind | prompts | own safe_alt | own detail | other detail | other safe_alt | R* of top 3 "
+        "| R above own safe_alt |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in best:
+        shares = " | ".join(f"{r[f'best is {b}']:.2f}" for b in BEST_WORD_KINDS)
+        figures = f"{r['top3_true_reward']:.2f} | {r['gap_to_own_safe_alt']:.2f}"
+        print(f"| {r['kind']} | {r['prompts']} | {shares} | {figures} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"answers": rows, "best_words": best}, indent=2))
 
 
 if __name__ == "__main__":

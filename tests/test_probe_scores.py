@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.probe_scores import canonical_answers, main
+from benchmarks.probe_scores import BEST_WORD_KINDS, canonical_answers, main
 from repo_lightning.safetyworld import World, WorldConfig
 from tests.conftest import TINY_WORLD
 
@@ -34,11 +34,23 @@ def test_probe_table_and_json(tiny_exports: dict[str, str], tmp_path: Path, caps
         (exports / name).symlink_to(tiny_exports[name])
     out = tmp_path / "rows.json"
     main([str(exports), "--world", *(f"{k}={v}" for k, v in TINY_WORLD.items()), "--json", str(out)])
-    rows = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    rows = written["answers"]
     kinds = {r["kind"] for r in rows}
     assert kinds == {"benign", "hazard_mild", "hazard_severe"}
     assert len(rows) == 3 * 12
     assert all(0.0 <= r["learned_unsafe_share"] <= 1.0 for r in rows)
-    assert "| hazard_mild | safe_alt x2 | 1.00 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| hazard_mild | safe_alt x2 | 1.00 |" in printed
+    # the best-word table: one row per kind, the four shares a distribution over the held-out prompts
+    best = {r["kind"]: r for r in written["best_words"]}
+    assert set(best) == kinds
+    world = World(WorldConfig(**TINY_WORLD))
+    assert sum(r["prompts"] for r in best.values()) == len(world.eval_prompts())
+    for r in best.values():
+        assert sum(r[f"best is {b}"] for b in BEST_WORD_KINDS) == pytest.approx(1.0)
+        assert r["gap_to_own_safe_alt"] >= 0  # the best word scores at least as high as the topic's own guidance
+        assert -0.25 <= r["top3_true_reward"] <= 1.0  # one word: an off-topic word, or one on-topic word
+    assert "best-scored one-word answer" in printed
     with pytest.raises(SystemExit, match="reward/ and cost/"):
         main([str(tmp_path / "missing")])
