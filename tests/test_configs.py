@@ -112,3 +112,28 @@ def test_repo_round5_options_parse(monkeypatch):
     assert init.scoring.reward_aggregate == "mean_minus_std"
     assert init.objective.init_args.penalty == "indicator"
     assert init.scoring.reward_source == "oracle" and init.scoring.cost_source == "oracle"
+
+
+def test_model_config_overrides_on_the_command_line_build_the_model_asked_for(monkeypatch, tmp_path):
+    """``--model.init_args.model_config.KEY=VALUE`` arrives as a string; the model is built with the value it means."""
+    from transformers import PreTrainedTokenizerFast
+
+    from repo_lightning.models.backbone import load_causal_lm
+    from repo_lightning.safetyworld import World, WorldConfig
+    from tests.conftest import TINY_MODEL
+
+    monkeypatch.setattr(cli_module, "RLHFCLI", ParseOnlyCLI)
+    sft = CONFIG_ROOT / "demo" / "sft.yaml"
+    overrides = [
+        "--model.init_args.model_config.num_hidden_layers=3",
+        "--model.init_args.model_config.rms_norm_eps=1e-5",
+    ]
+    model_config = cli_module.main(["--config", str(sft), *overrides], run=False).config.model.init_args.model_config
+    assert model_config["num_hidden_layers"] == "3"  # what jsonargparse hands over for a free-form dict
+    tokenizer = World(WorldConfig(num_topics=4)).build_tokenizer()
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    settings = {**TINY_MODEL, "num_hidden_layers": "3", "rms_norm_eps": "1e-5", "hidden_act": "silu"}
+    settings["tie_word_embeddings"] = "false"
+    config = load_causal_lm(tokenizer, model_config=settings).config
+    assert config.num_hidden_layers == 3 and config.rms_norm_eps == 1e-5 and config.hidden_act == "silu"
+    assert config.tie_word_embeddings is False

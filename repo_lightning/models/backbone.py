@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -36,8 +37,30 @@ def torch_dtype(name: DType) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _scalar(value):
+    """A ``model_config`` value as YAML reads it, if it came as a string.
+
+    ``model_config`` is a free-form dict, so jsonargparse passes a command-line override such as
+    ``--model.init_args.model_config.num_hidden_layers=4`` through as the string ``"4"``, which a Hugging Face config
+    refuses (or, worse, keeps). Strings that read as a number, a boolean or null become that; ``"1e-5"`` (a float
+    that YAML 1.1 reads as a string) becomes a float; other strings (``"silu"``) stay as they are.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str):
+        try:
+            return float(parsed) if any(c.isdigit() for c in parsed) else parsed
+        except ValueError:
+            return parsed
+    return parsed if isinstance(parsed, int | float | bool) or parsed is None else value
+
+
 def _config_from_dict(model_config: dict, tokenizer: PreTrainedTokenizerBase, num_labels: int | None):
-    settings = dict(model_config)
+    settings = {key: _scalar(value) for key, value in model_config.items()}
     model_type = settings.pop("model_type", None)
     if model_type is None:
         raise ConfigError("model.init_args.model_config needs a 'model_type' key (for example 'llama')")
