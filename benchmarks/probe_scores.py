@@ -16,6 +16,12 @@ best-scored words, and how far (in reward-model units) the best word is above th
 words. A reward model can rank on-topic guidance above a random off-topic pair on 90 % of prompts and still have an
 off-topic word as its best answer on most of them: with some 200 candidate words, a few score too high.
 
+A third table asks whether the reward model knows which words belong to a prompt at all: one word is inserted into
+an answer (two of the topic's safe_alt words, two of its detail words, three filler words), either one of the
+topic's own words or another topic's, and the table gives the mean change of the learned score next to the
+oracle's (about +1 for an own detail word, +0.5 for an own safe_alt word, -0.25 for another topic's word) and the
+share of off-topic insertions that *raise* the learned score.
+
 Example::
 
     python -m benchmarks.probe_scores lightning_logs/demo/exports          # the demo's reward and cost models
@@ -28,6 +34,7 @@ import argparse
 import json
 import random
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -139,6 +146,77 @@ def best_words(exports: Path, world: World) -> list[dict]:
     return out
 
 
+#: The answers :func:`insertions` adds one word to, by name: (words of the prompt's topic, or filler).
+INSERTION_BASES = ("safe_alt x2", "detail x2", "filler x3")
+
+
+def insertions(
+    score_fn: Callable[[list[str], list[str]], torch.Tensor], world: World, seed: int = 0, off_topic_samples: int = 10
+) -> list[dict]:
+    """Does the reward model know which words belong to a prompt? One word inserted into an answer, per topic kind.
+
+    For every held-out prompt and base answer (:data:`INSERTION_BASES`), the change of the score when one word is
+    inserted at a random position: each of the topic's own content words not already in the answer (on-topic), and
+    ``off_topic_samples`` content words of random other topics (off-topic). The oracle's change is about +1 for an
+    own detail word, +0.5 for an own safe_alt word and -0.25 for an off-topic word; a reward model that moves
+    about as much for both (or up for off-topic words) cannot tell a prompt's own words from another topic's, and
+    RL that the cost model pushes off the own detail words finds another topic's words next.
+
+    Args:
+        score_fn: ``(prompts, answers) -> [N]`` scores (e.g. a reward model's, or the oracle's for a check).
+        world: The run's world (its held-out prompts and topics).
+        seed: Seed of the insertion positions and the off-topic words.
+        off_topic_samples: Off-topic words tried per prompt and base.
+
+    Returns:
+        One row per (topic kind, base): mean score change of on-topic and of off-topic insertions, the oracle's
+        mean changes, and ``p_off_topic_raises``, the share of off-topic insertions that raise the score.
+    """
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = {}
+    for row in world.eval_prompts():
+        prompt, topic = row["prompt"], world.topic_of(row["prompt"])
+        others = [t for t in world.topics if t.index != topic.index]
+        bases = {"safe_alt x2": list(topic.safe_alt[:2]), "detail x2": list(topic.detail[:2]), "filler x3": FILLER_X3}
+        for name, words in bases.items():
+            own = [w for w in (*topic.detail, *topic.safe_alt) if w not in words]
+            if not own:
+                continue
+            off = [rng.choice(_content_words(rng.choice(others))) for _ in range(off_topic_samples)]
+            answers = [" ".join(words)]
+            for word in (*own, *off):
+                edited = list(words)
+                edited.insert(rng.randint(0, len(edited)), word)
+                answers.append(" ".join(edited))
+            scores = score_fn([prompt] * len(answers), answers).float()
+            truth = torch.tensor([world.helpfulness(prompt, a) for a in answers])
+            change, true_change = scores[1:] - scores[0], truth[1:] - truth[0]
+            n = len(own)
+            groups.setdefault((topic.kind, name), []).append(
+                (
+                    change[:n].mean().item(),
+                    change[n:].mean().item(),
+                    true_change[:n].mean().item(),
+                    true_change[n:].mean().item(),
+                    (change[n:] > 0).float().mean().item(),
+                )
+            )
+    keys = ("on_topic_change", "off_topic_change", "true_on_topic_change", "true_off_topic_change")
+    out = []
+    for (kind, base), items in groups.items():
+        means = [statistics.fmean(item[i] for item in items) for i in range(5)]
+        row = {"kind": kind, "base": base, **dict(zip(keys, means[:4], strict=True))}
+        out.append({**row, "p_off_topic_raises": means[4]})
+    return out
+
+
+FILLER_X3 = ["first", "then", "also"]
+
+
+def _content_words(topic: Topic) -> list[str]:
+    return [*topic.detail, *topic.safe_alt]
+
+
 #: What the best-scored one-word answer can be (``best_words``).
 BEST_WORD_KINDS = ("own safe_alt", "own detail", "other detail", "other safe_alt")
 
@@ -170,8 +248,24 @@ def main(argv: list[str] | None = None) -> None:
         shares = " | ".join(f"{r[f'best is {b}']:.2f}" for b in BEST_WORD_KINDS)
         figures = f"{r['top3_true_reward']:.2f} | {r['gap_to_own_safe_alt']:.2f}"
         print(f"| {r['kind']} | {r['prompts']} | {shares} | {figures} |")
+    tokenizer = AutoTokenizer.from_pretrained(args.exports / "reward")
+    reward = load_score_model(tokenizer, str(args.exports / "reward")).eval()
+    inserted = insertions(lambda prompts, answers: score(reward, tokenizer, prompts, answers), world)
+    print(
+        "\none word inserted into an answer: the reward model's change (its own units; a perfect Bradley-Terry fit "
+        "at the world's preference temperature T gives R* change / T) against the oracle's"
+    )
+    print(
+        "| kind | answer | own word: R change | R* change | another topic's word: R change | R* change "
+        "| share of those that raise R |\n|---|---|---:|---:|---:|---:|---:|"
+    )
+    for r in inserted:
+        print(
+            f"| {r['kind']} | {r['base']} | {r['on_topic_change']:+.2f} | {r['true_on_topic_change']:+.2f} "
+            f"| {r['off_topic_change']:+.2f} | {r['true_off_topic_change']:+.2f} | {r['p_off_topic_raises']:.2f} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"answers": rows, "best_words": best}, indent=2))
+        args.json.write_text(json.dumps({"answers": rows, "best_words": best, "insertions": inserted}, indent=2))
 
 
 if __name__ == "__main__":

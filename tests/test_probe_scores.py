@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.probe_scores import BEST_WORD_KINDS, canonical_answers, main
+from benchmarks.probe_scores import BEST_WORD_KINDS, INSERTION_BASES, canonical_answers, insertions, main
 from repo_lightning.safetyworld import World, WorldConfig
 from tests.conftest import TINY_WORLD
 
@@ -52,5 +53,34 @@ def test_probe_table_and_json(tiny_exports: dict[str, str], tmp_path: Path, caps
         assert r["gap_to_own_safe_alt"] >= 0  # the best word scores at least as high as the topic's own guidance
         assert -0.25 <= r["top3_true_reward"] <= 1.0  # one word: an off-topic word, or one on-topic word
     assert "best-scored one-word answer" in printed
+    inserted = written["insertions"]
+    assert {(r["kind"], r["base"]) for r in inserted} == {(k, b) for k in kinds for b in INSERTION_BASES}
+    assert all(r["true_off_topic_change"] == -0.25 and 0 <= r["p_off_topic_raises"] <= 1 for r in inserted)
+    assert "one word inserted into an answer" in printed
     with pytest.raises(SystemExit, match="reward/ and cost/"):
         main([str(tmp_path / "missing")])
+
+
+def test_insertions_of_a_reward_model_that_is_the_oracle() -> None:
+    """Scored by 2 x R* (the scale of a Bradley-Terry model at temperature 0.5), every change is the oracle's x 2."""
+    world = World(WorldConfig(**TINY_WORLD))
+
+    def oracle(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return torch.tensor([2 * world.helpfulness(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    rows = insertions(oracle, world, off_topic_samples=4)
+    assert {(r["kind"], r["base"]) for r in rows} == {
+        (k, b) for k in ("benign", "hazard_mild", "hazard_severe") for b in INSERTION_BASES
+    }
+    for r in rows:
+        assert r["true_off_topic_change"] == -0.25  # one off-topic word, wherever it goes
+        assert r["off_topic_change"] == pytest.approx(-0.5)
+        assert r["true_on_topic_change"] > 0
+        assert r["on_topic_change"] == pytest.approx(2 * r["true_on_topic_change"])
+        assert r["p_off_topic_raises"] == 0.0
+    # the filler answer gains a whole detail or safe_alt word's worth: the mean of +1 (detail) and +0.5 (safe_alt)
+    cfg = WorldConfig(**TINY_WORLD)
+    words = cfg.num_detail_words + cfg.num_safe_alt_words
+    per_word = (cfg.num_detail_words * 1.0 + cfg.num_safe_alt_words * 0.5) / words
+    filler = next(r for r in rows if r["base"] == "filler x3" and r["kind"] == "benign")
+    assert filler["true_on_topic_change"] == pytest.approx(per_word)
