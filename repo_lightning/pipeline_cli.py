@@ -66,9 +66,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--reward-ensemble must be >= 1, got {args.reward_ensemble}")
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
+    if not Path(args.config_dir).is_dir():
+        parser.error(f"--config-dir: {args.config_dir} is not a folder (expected one with sft.yaml, reward.yaml, ...)")
     missing = [a for a in args.algorithms if not (Path(args.config_dir) / f"{a}.yaml").is_file()]
     if missing:
         parser.error(f"--algorithms: no config {', '.join(f'{args.config_dir}/{a}.yaml' for a in missing)}")
+    try:
+        (Path(args.root) / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--root: cannot create the run folder {args.root} ({error.strerror or error})")
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by the stages' own entry point
     silence_known_noise()

@@ -238,3 +238,18 @@ def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, c
         assert f'reward_ensemble_paths=["{exports / "reward_m1"}", "{exports / "reward_m2"}"]' in command, stage
         assert "scoring.reward_aggregate=mean_minus_std" in command
         assert f"reward_model_path={exports / 'reward'} " in command  # the first member, and the critic's start
+
+
+def test_a_missing_config_folder_or_an_uncreatable_root_is_named_before_any_stage_runs(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cases = (
+        (["--root", str(tmp_path / "run"), "--config-dir", str(tmp_path / "no_configs")], "--config-dir: "),
+        (["--root", str(blocker / "run")], f"--root: cannot create the run folder {blocker / 'run'}"),
+    )
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            pipeline_main(argv)
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
