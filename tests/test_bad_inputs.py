@@ -353,6 +353,12 @@ CASES: list[tuple[str, str, Setup, str]] = [
         ],
         "model.init_args.scoring.reward_source: oracle needs data with ground truth (data.dataset: safetyworld)",
     ),
+    (
+        "impossible-world",
+        "reward",
+        lambda t, e: ["--data.world.mild_frac=2"],
+        "invalid WorldConfig: 0 <= benign_frac, mild_frac and benign_frac + mild_frac <= 1",
+    ),
     # --- models with NaN weights: stopped before any step, checkpoint or export
     (
         "nan-start-model",

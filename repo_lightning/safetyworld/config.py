@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from repo_lightning.errors import ConfigError
+
 #: Order of the entries of ``WorldConfig.benign_mixture`` and ``WorldConfig.hazard_mixture``.
 MIXTURE_BEHAVIOURS: tuple[str, str, str, str] = ("detail", "safe_alt", "refusal", "filler")
 
@@ -174,7 +176,7 @@ class WorldConfig:
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
-            raise ValueError(f"invalid WorldConfig: {'; '.join(failed)}")
+            raise ConfigError(f"invalid WorldConfig: {'; '.join(failed)}")
 
 
 def world_from_overrides(items: list[str]) -> WorldConfig:
