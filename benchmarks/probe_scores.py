@@ -66,6 +66,10 @@ def canonical_answers(world: World, topic: Topic, other: Topic) -> dict[str, str
     }
 
 
+#: ``(prompts, answers) -> [N]`` scores of one model (:func:`scorer`), or of the oracle in a check.
+ScoreFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
 def score(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
     """Scores of ``template(prompt) response eos`` (the mean over heads for an ensemble)."""
     scorer = Scorer(model, tokenizer, SAFE_RLHF_TEMPLATE, reuse_policy_ids=False, max_length=128)
@@ -75,11 +79,15 @@ def score(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.T
     return scores if scores.dim() == 1 else scores.mean(1)
 
 
-def probe(exports: Path, world: World, seed: int = 0) -> list[dict]:
+def scorer(exports: Path, name: str) -> ScoreFn:
+    """The score function of export ``exports/name`` (``reward``: one head; ``cost``: any number of heads)."""
+    tokenizer = AutoTokenizer.from_pretrained(exports / name)
+    model = load_score_model(tokenizer, str(exports / name), num_labels=None if name == "cost" else 1).eval()
+    return lambda prompts, answers: score(model, tokenizer, prompts, answers)
+
+
+def probe(reward: ScoreFn, cost: ScoreFn, world: World, seed: int = 0) -> list[dict]:
     """One row per (topic kind, answer) with the oracle and learned means over the held-out prompts."""
-    tokenizer = AutoTokenizer.from_pretrained(exports / "reward")
-    reward = load_score_model(tokenizer, str(exports / "reward")).eval()
-    cost = load_score_model(tokenizer, str(exports / "cost"), num_labels=None).eval()
     rng = random.Random(seed)
     groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for row in world.eval_prompts():
@@ -90,7 +98,7 @@ def probe(exports: Path, world: World, seed: int = 0) -> list[dict]:
     out = []
     for (kind, name), items in groups.items():
         prompts, answers = (list(x) for x in zip(*items, strict=True))
-        r, c = score(reward, tokenizer, prompts, answers), score(cost, tokenizer, prompts, answers)
+        r, c = reward(prompts, answers), cost(prompts, answers)
         out.append(
             {
                 "kind": kind,
@@ -105,16 +113,14 @@ def probe(exports: Path, world: World, seed: int = 0) -> list[dict]:
     return out
 
 
-def best_words(exports: Path, world: World) -> list[dict]:
+def best_words(reward: ScoreFn, world: World) -> list[dict]:
     """Per topic kind: what the reward model's best-scored one-word answer is, over every content word."""
-    tokenizer = AutoTokenizer.from_pretrained(exports / "reward")
-    reward = load_score_model(tokenizer, str(exports / "reward")).eval()
-    words = [w for t in world.topics for w in (*t.detail, *t.safe_alt)]
+    words = [w for t in world.topics for w in t.content]
     detail = {w for t in world.topics for w in t.detail}
     per_kind: dict[str, list[dict]] = {}
     for row in world.eval_prompts():
         topic = world.topic_of(row["prompt"])
-        scores = score(reward, tokenizer, [row["prompt"]] * len(words), words)
+        scores = reward([row["prompt"]] * len(words), words)
         best = words[int(scores.argmax())]
         if best in topic.safe_alt:
             kind = "own safe_alt"
@@ -148,11 +154,10 @@ def best_words(exports: Path, world: World) -> list[dict]:
 
 #: The answers :func:`insertions` adds one word to, by name: (words of the prompt's topic, or filler).
 INSERTION_BASES = ("safe_alt x2", "detail x2", "filler x3")
+FILLER_X3 = ["first", "then", "also"]
 
 
-def insertions(
-    score_fn: Callable[[list[str], list[str]], torch.Tensor], world: World, seed: int = 0, off_topic_samples: int = 10
-) -> list[dict]:
+def insertions(score_fn: ScoreFn, world: World, seed: int = 0, off_topic_samples: int = 10) -> list[dict]:
     """Does the reward model know which words belong to a prompt? One word inserted into an answer, per topic kind.
 
     For every held-out prompt and base answer (:data:`INSERTION_BASES`), the change of the score when one word is
@@ -179,10 +184,10 @@ def insertions(
         others = [t for t in world.topics if t.index != topic.index]
         bases = {"safe_alt x2": list(topic.safe_alt[:2]), "detail x2": list(topic.detail[:2]), "filler x3": FILLER_X3}
         for name, words in bases.items():
-            own = [w for w in (*topic.detail, *topic.safe_alt) if w not in words]
+            own = [w for w in topic.content if w not in words]
             if not own:
                 continue
-            off = [rng.choice(_content_words(rng.choice(others))) for _ in range(off_topic_samples)]
+            off = [rng.choice(rng.choice(others).content) for _ in range(off_topic_samples)]
             answers = [" ".join(words)]
             for word in (*own, *off):
                 edited = list(words)
@@ -210,13 +215,6 @@ def insertions(
     return out
 
 
-FILLER_X3 = ["first", "then", "also"]
-
-
-def _content_words(topic: Topic) -> list[str]:
-    return [*topic.detail, *topic.safe_alt]
-
-
 #: What the best-scored one-word answer can be (``best_words``).
 BEST_WORD_KINDS = ("own safe_alt", "own detail", "other detail", "other safe_alt")
 
@@ -231,14 +229,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.exports / "reward").is_dir() or not (args.exports / "cost").is_dir():
         raise SystemExit(f"{args.exports}: expected the reward/ and cost/ export folders of a run there")
     world = World(WorldConfig(**parse_world(args.world)))
-    rows = probe(args.exports, world)
+    reward, cost = scorer(args.exports, "reward"), scorer(args.exports, "cost")
+    rows = probe(reward, cost, world)
     print("| kind | answer | R* | R | C* | C | P(C > 0) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['kind']} | {r['answer']} | {r['true_reward']:.2f} | {r['reward']:.2f} | {r['true_cost']:.2f} "
             f"| {r['cost']:.2f} | {r['learned_unsafe_share']:.2f} |"
         )
-    best = best_words(args.exports, world)
+    best = best_words(reward, world)
     print("\nbest-scored one-word answer over every content word (what RL would find):")
     print(
         "| kind | prompts | own safe_alt | own detail | other detail | other safe_alt | R* of top 3 "
@@ -248,9 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         shares = " | ".join(f"{r[f'best is {b}']:.2f}" for b in BEST_WORD_KINDS)
         figures = f"{r['top3_true_reward']:.2f} | {r['gap_to_own_safe_alt']:.2f}"
         print(f"| {r['kind']} | {r['prompts']} | {shares} | {figures} |")
-    tokenizer = AutoTokenizer.from_pretrained(args.exports / "reward")
-    reward = load_score_model(tokenizer, str(args.exports / "reward")).eval()
-    inserted = insertions(lambda prompts, answers: score(reward, tokenizer, prompts, answers), world)
+    inserted = insertions(reward, world)
     print(
         "\none word inserted into an answer: the reward model's change (its own units; a perfect Bradley-Terry fit "
         "at the world's preference temperature T gives R* change / T) against the oracle's"

@@ -102,6 +102,11 @@ class Topic:
         return self.subject
 
     @property
+    def content(self) -> tuple[str, ...]:
+        """The topic's content words: its detail words, then its safe_alt words."""
+        return self.detail + self.safe_alt
+
+    @property
     def is_hazard(self) -> bool:
         """Whether the topic is a hazard (mild or severe)."""
         return self.kind != "benign"
@@ -200,11 +205,6 @@ def prompt_pools(topics: Sequence[Topic], per_verb: int) -> tuple[PromptPool, Pr
     return train, held
 
 
-def _content(topic: Topic) -> tuple[str, ...]:
-    """A topic's content words: its detail words, then its safe_alt words."""
-    return topic.detail + topic.safe_alt
-
-
 def sample_response(
     topic: Topic,
     behaviour: str,
@@ -243,7 +243,7 @@ def sample_response(
         pool = [t for t in other_topics if t.index != topic.index] + [topic]
         length = rng.randint(1, config.max_babble_words)
         return " ".join(
-            rng.choice(filler) if rng.random() < 0.5 else rng.choice(_content(rng.choice(pool))) for _ in range(length)
+            rng.choice(filler) if rng.random() < 0.5 else rng.choice(rng.choice(pool).content) for _ in range(length)
         )
     if behaviour == "filler":
         length = rng.randint(config.min_filler_response_words, config.max_filler_response_words)
@@ -253,7 +253,7 @@ def sample_response(
     if behaviour == "off_topic":
         if not others:
             raise ValueError("an off_topic response needs other topics")
-        pool = _content(rng.choice(others))
+        pool = rng.choice(others).content
         content += rng.sample(pool, rng.randint(1, min(config.max_detail_words, len(pool))))
     if behaviour in ("detail", "detail_safe_alt"):
         num_detail = rng.randint(config.min_detail_words, config.max_detail_words)
@@ -263,7 +263,7 @@ def sample_response(
         content += rng.sample(topic.safe_alt, num_safe_alt)
     if behaviour != "off_topic" and others and rng.random() < config.off_topic_prob:
         stray = rng.choice(others)
-        content.insert(rng.randint(0, len(content)), rng.choice(_content(stray)))
+        content.insert(rng.randint(0, len(content)), rng.choice(stray.content))
     words: list[str] = []
     for word in content:
         if rng.random() < config.filler_prob:
@@ -312,7 +312,7 @@ def edit_response(
     if edit not in (*EDITS, TOPIC_SWAP):
         raise ValueError(f"unknown edit {edit!r}; expected one of {(*EDITS, TOPIC_SWAP)}")
     words = [] if response == REFUSAL else response.split()
-    content = [i for i, w in enumerate(words) if w in _content(topic)]
+    content = [i for i, w in enumerate(words) if w in topic.content]
     others = [t for t in other_topics if t.index != topic.index]
     if (
         not words
@@ -321,7 +321,7 @@ def edit_response(
     ):
         edit = "add"
     if edit == "add":
-        words.insert(rng.randint(0, len(words)), rng.choice(_content(topic)))
+        words.insert(rng.randint(0, len(words)), rng.choice(topic.content))
     elif edit == "drop":
         del words[rng.randrange(len(words))]
     elif edit == "repeat":
@@ -333,7 +333,7 @@ def edit_response(
         words[i] = rng.choice(stray.detail if words[i] in topic.detail else stray.safe_alt)
     else:
         stray = rng.choice(others)
-        words[rng.randrange(len(words))] = rng.choice(_content(stray))
+        words[rng.randrange(len(words))] = rng.choice(stray.content)
     return " ".join(words)
 
 
