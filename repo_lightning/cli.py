@@ -34,7 +34,7 @@ from repo_lightning.console import PROGRESS_ENV, silence_known_noise
 from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.errors import MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
-from repo_lightning.validation import check_model_path
+from repo_lightning.validation import check_checkpoint_file, check_export_dir, check_model_path
 
 DEBUG_ENV = "REPO_LIGHTNING_DEBUG"
 #: Module arguments that name a model folder or hub repository.
@@ -81,6 +81,10 @@ class RLHFCLI(LightningCLI):
         if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             if not Path(ckpt_path).exists():  # a file, or a folder for a sharded (distributed) checkpoint
                 raise MissingInputError(f"ckpt_path: no checkpoint at {ckpt_path!r}")
+            check_checkpoint_file("ckpt_path", ckpt_path)
+        if stage == "fit":
+            inputs = {f"model.init_args.{key}": hparams.get(key) for key in MODEL_PATH_KEYS}
+            check_export_dir("model.init_args.export_dir", hparams.get("export_dir"), inputs)
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
         self._note_new_dirs()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from repo_lightning.errors import ConfigError, MissingInputError
 
@@ -105,6 +108,53 @@ def _check_offline_hub_model(key: str, name: str) -> None:
         )
 
 
+def check_export_dir(key: str, path: str | None, inputs: dict[str, str | None] | None = None) -> None:
+    """An export folder may be new, empty or a previous model export; anything else would be replaced, so refuse it.
+
+    An export replaces its folder as a whole (:func:`repo_lightning.models.export.export_pretrained`), so a typo
+    such as ``export_dir: .`` or a data folder must stop the run before training, not delete the folder after it.
+
+    Args:
+        key: The setting's name (``model.init_args.export_dir``).
+        path: The folder, or ``None`` (no export).
+        inputs: The stage's input models by key; exporting onto one of them would replace it.
+
+    Raises:
+        ConfigError: for a file, a folder that holds something other than a model, or one of the stage's inputs.
+    """
+    if path is None:
+        return
+    folder = Path(os.path.expanduser(str(path)))
+    for input_key, input_path in (inputs or {}).items():
+        if input_path and looks_local(str(input_path)) and Path(os.path.expanduser(str(input_path))).exists():
+            if folder.exists() and folder.resolve() == Path(os.path.expanduser(str(input_path))).resolve():
+                raise ConfigError(
+                    f"{key}: {str(path)!r} is this stage's input ({input_key}); exporting there would replace it; "
+                    "choose another folder"
+                )
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is a file; expected a folder to write the model to")
+    refusal = export_dir_refusal(folder)
+    if refusal:
+        raise ConfigError(f"{key}: {refusal}")
+
+
+def export_dir_refusal(folder: Path) -> str | None:
+    """Why ``folder`` (which exists) must not be replaced by an export, or ``None`` if it may (empty, or a model)."""
+    if (folder / "config.json").is_file():
+        return None
+    entries = sorted(entry.name for entry in folder.iterdir())
+    if not entries:
+        return None
+    shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
+    return (
+        f"{str(folder)!r} holds files that are not a model export ({shown}); an export replaces its folder as a "
+        "whole, so it refuses one that is not empty and has no config.json; choose a new or empty folder"
+    )
+
+
 def check_tokenizer_path(key: str, path: str | None) -> None:
     """A tokenizer given as a local folder must exist."""
     if path is not None and looks_local(path) and not Path(os.path.expanduser(path)).is_dir():
@@ -120,3 +170,62 @@ def validate_stage_args(
     check_non_negative(f"{prefix}.warmup_steps", warmup_steps)
     check_non_negative(f"{prefix}.regularization", regularization)
     check_non_negative(f"{prefix}.oracle_margin", oracle_margin)
+
+
+def check_checkpoint_file(key: str, path: str) -> None:
+    """A checkpoint file must be what ``torch.save`` writes (a zip archive); a folder (a sharded checkpoint) passes.
+
+    Raises:
+        ConfigError: ``<key>: '<path>' is not a PyTorch checkpoint (...)`` for a truncated, corrupt or other file.
+    """
+    file = Path(path)
+    if file.is_file() and not zipfile.is_zipfile(file):
+        raise ConfigError(
+            f"{key}: {path!r} is not a PyTorch checkpoint (not the zip archive torch.save writes: truncated, "
+            "corrupt or another kind of file); give a .ckpt written by this stage"
+        )
+
+
+def check_checkpoint_matches(module, checkpoint: dict, key: str = "ckpt_path") -> None:
+    """The weights of ``checkpoint`` must be those ``module`` trains: the same names and shapes.
+
+    Called from the modules' ``on_load_checkpoint`` (after ``configure_model``, before the weights are loaded), so a
+    checkpoint of another stage or of a differently shaped model stops with one line instead of a ``load_state_dict``
+    traceback, or (for the policy, which loads non-strictly because its frozen models are not stored) instead of a
+    run that resumes with none of its weights restored. Sharded checkpoints (no plain ``state_dict``) are not checked.
+
+    Raises:
+        ConfigError: ``ckpt_path: the checkpoint does not hold this stage's weights: ...``.
+    """
+    stored = checkpoint.get("state_dict")
+    if not isinstance(stored, dict) or not stored:
+        return
+    expected = module.state_dict()
+    missing = [name for name in expected if name not in stored]
+    unexpected = [name for name in stored if name not in expected]
+    reshaped = [
+        f"{name} {tuple(stored[name].shape)} vs {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in stored
+        and type(tensor) is torch.Tensor  # a DTensor's local shape differs; not compared
+        and hasattr(stored[name], "shape")
+        and tuple(stored[name].shape) != tuple(tensor.shape)
+    ]
+    if not (missing or unexpected or reshaped):
+        return
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"lacks {listed(missing)}")
+    if unexpected:
+        problems.append(f"has {listed(unexpected)} that {type(module).__name__} does not")
+    if reshaped:
+        problems.append(f"has other shapes (stored vs this model): {listed(reshaped)}")
+    raise ConfigError(
+        f"{key}: the checkpoint does not hold this stage's weights ({type(module).__name__}): it "
+        + "; it ".join(problems)
+        + "; is it a checkpoint of another stage or model size?"
+    )

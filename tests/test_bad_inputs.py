@@ -133,6 +133,22 @@ def _nan_copy(source: str, target: Path, parameter: str, causal: bool) -> str:
     return str(target)
 
 
+def _checkpoint(path: Path, state_dict: dict) -> str:
+    """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
+    import lightning
+
+    torch.save({"state_dict": state_dict, "pytorch-lightning_version": lightning.__version__}, path)
+    return str(path)
+
+
+def _truncated_checkpoint(path: Path) -> str:
+    """The first half of a real ``torch.save`` file (a copy cut short by a full disk or a killed ``scp``)."""
+    _checkpoint(path, {"w": torch.zeros(64, 64)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
 # Each case: (id, stage, setup(tmp, exports) -> extra CLI args, the fragment the one error line must contain).
 # ``{tmp}`` in the fragment is replaced by the case's data folder.
 Setup = Callable[[Path, dict], list[str]]
@@ -243,6 +259,50 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "sft",
         lambda t, e: [f"--ckpt_path={t / 'last.ckpt'}"],
         "ckpt_path: no checkpoint at '{tmp}/last.ckpt'",
+    ),
+    (
+        "corrupt-checkpoint",
+        "sft",
+        lambda t, e: [f"--ckpt_path={_write(t / 'last.ckpt', b'not a checkpoint')}"],
+        "ckpt_path: '{tmp}/last.ckpt' is not a PyTorch checkpoint",
+    ),
+    (
+        "truncated-checkpoint",
+        "reward",
+        lambda t, e: [f"--ckpt_path={_truncated_checkpoint(t / 'last.ckpt')}"],
+        "ckpt_path: '{tmp}/last.ckpt' is not a PyTorch checkpoint",
+    ),
+    (
+        "checkpoint-of-another-stage",
+        "reward",
+        lambda t, e: [f"--ckpt_path={_checkpoint(t / 'policy.ckpt', {'actor.lm_head.weight': torch.zeros(2, 2)})}"],
+        "ckpt_path: the checkpoint does not hold this stage's weights (RewardModule): it lacks model.",
+    ),
+    (
+        # the policy loads non-strictly (its frozen models are not stored): without the check it would resume with
+        # none of its weights restored
+        "reward-checkpoint-given-to-the-policy",
+        "policy",
+        lambda t, e: [f"--ckpt_path={_checkpoint(t / 'reward.ckpt', {'model.score.weight': torch.zeros(1, 32)})}"],
+        "ckpt_path: the checkpoint does not hold this stage's weights (PolicyModule): it lacks iteration, ",
+    ),
+    (
+        "export-dir-is-a-file",
+        "sft",
+        lambda t, e: [f"--model.init_args.export_dir={_write(t / 'model', 'my notes')}"],
+        "model.init_args.export_dir: '{tmp}/model' is a file; expected a folder",
+    ),
+    (
+        "export-dir-holds-other-files",
+        "sft",
+        lambda t, e: [f"--model.init_args.export_dir={Path(_write(t / 'rows.jsonl', '{}')).parent}"],
+        "model.init_args.export_dir: '{tmp}' holds files that are not a model export (rows.jsonl)",
+    ),
+    (
+        "export-dir-is-the-start-model",
+        "reward",
+        lambda t, e: [f"--model.init_args.export_dir={e['sft']}"],
+        "is this stage's input (model.init_args.model_name_or_path); exporting there would replace it",
     ),
     (
         "missing-tokenizer",
@@ -425,6 +485,35 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, tiny_exports, cap
     _run(tmp_path, stage, tiny_exports, extra)
     line = _one_error_line(capsys)
     assert fragment.replace("{tmp}", str(data)) in line, line
+
+
+def test_an_export_dir_holding_other_files_is_left_untouched(tmp_path, tiny_exports, capsys):
+    folder = tmp_path / "my_data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    _run(tmp_path, "sft", tiny_exports, [f"--model.init_args.export_dir={folder}"])
+    assert "holds files that are not a model export (notes.txt)" in _one_error_line(capsys)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_export_pretrained_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path, tiny_exports):
+    from transformers import AutoTokenizer
+
+    from repo_lightning.errors import ConfigError
+    from repo_lightning.models.export import export_pretrained
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_exports["reward"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_exports["reward"])
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "rows.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="holds files that are not a model export"):
+        export_pretrained(model, tokenizer, folder)
+    assert [p.name for p in folder.iterdir()] == ["rows.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder left
+    export_pretrained(model, tokenizer, tmp_path / "model")  # a new folder, then a previous export: replaced
+    export_pretrained(model, tokenizer, tmp_path / "model")
+    assert (tmp_path / "model" / "config.json").is_file()
 
 
 def test_enough_bad_inputs_are_covered():

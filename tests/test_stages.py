@@ -212,9 +212,10 @@ def test_cost_metrics_reach_tensorboard(pipeline):
 # --- bad configs --------------------------------------------------------------------------------------------
 
 
-def test_both_model_sources_fail_with_a_clear_message(pipeline, capsys):
+def test_both_model_sources_fail_with_a_clear_message(pipeline, capsys, tmp_path):
     export = str(pipeline["root"] / "exports" / "sft")
     args = ["fit", "--config", pipeline["sft_config"], "--model.init_args.model_name_or_path", export]
+    args += ["--model.init_args.export_dir", str(tmp_path / "sft")]  # not the start model (that is its own error)
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from repo_lightning.errors import NonFiniteError
+from repo_lightning.errors import ConfigError, NonFiniteError
 from repo_lightning.finite_guard import count_nonfinite, describe
 from repo_lightning.models.lora import lora_scalings, merge_lora_state_dict
 from repo_lightning.models.model_card import CARD_FILE, render_model_card
+from repo_lightning.validation import export_dir_refusal
 
 #: Final logged ``train/...`` figures put on the card (every ``val/...`` figure is).
 CARD_TRAIN_METRICS = ("train/loss", "train/accuracy", "train/lambda", "train/dual_statistic")
@@ -50,9 +51,16 @@ def export_pretrained(
 
     Raises:
         NonFiniteError: if a weight is NaN or infinite; nothing is written then.
+        ConfigError: if ``export_dir`` is a file, or a folder that holds anything but a model export (it would be
+            replaced); nothing is written then.
     """
     refuse_nonfinite_weights(state_dict if state_dict is not None else model.state_dict(), export_dir)
     export_dir = Path(export_dir)
+    if export_dir.exists() and not export_dir.is_dir():
+        raise ConfigError(f"refusing to export to {str(export_dir)!r}: it is a file, not a folder")
+    refusal = export_dir_refusal(export_dir) if export_dir.is_dir() else None
+    if refusal:
+        raise ConfigError(f"refusing to export: {refusal}")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:

@@ -52,6 +52,7 @@ from repo_lightning.objectives import Objective, RePO
 from repo_lightning.objectives.objective import describe
 from repo_lightning.rl.dual import DualVariable
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE
+from repo_lightning.validation import check_checkpoint_matches
 
 
 class PolicyModule(L.LightningModule):
@@ -420,7 +421,8 @@ class PolicyModule(L.LightningModule):
         checkpoint["dual_statistic_history"] = [list(item) for item in self.statistic_history]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the multiplier and dual-statistic histories (checkpoints without the latter give an empty one)."""
+        """Check the weights match, restore the multiplier and dual-statistic histories (older checkpoints: empty)."""
+        check_checkpoint_matches(self, checkpoint)
         self.lambda_history = [(int(s), float(v)) for s, v in checkpoint.get("lambda_history", [])]
         self.statistic_history = [(int(s), float(v)) for s, v in checkpoint.get("dual_statistic_history", [])]
 

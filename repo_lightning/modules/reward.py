@@ -18,7 +18,7 @@ from repo_lightning.modules.model_setup import build_stage_model
 from repo_lightning.modules.optimization import optimizer_with_warmup
 from repo_lightning.modules.scoring import pair_scores, pick
 from repo_lightning.rl.losses import reward_model_loss
-from repo_lightning.validation import validate_stage_args
+from repo_lightning.validation import check_checkpoint_matches, validate_stage_args
 
 
 class RewardModule(L.LightningModule):
@@ -130,6 +130,10 @@ class RewardModule(L.LightningModule):
         """Optimizer (and warm-up) from the injected factory."""
         trained = [p for p in self.model.parameters() if p.requires_grad]
         return optimizer_with_warmup(self.optimizer, trained, self.hparams.warmup_steps)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another stage or model size stops with one line (``ckpt_path: ...``)."""
+        check_checkpoint_matches(self, checkpoint)
 
     def on_fit_end(self) -> None:
         """Write the reward model and tokenizer in Hugging Face layout."""
