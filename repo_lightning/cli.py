@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from repo_lightning.callbacks.stage_progress import StageProgress
 from repo_lightning.console import PROGRESS_ENV, silence_known_noise
 from repo_lightning.data.datamodule import RLHFDataModule
-from repo_lightning.errors import MissingInputError, UserInputError
+from repo_lightning.errors import ConfigError, MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
 from repo_lightning.validation import check_checkpoint_file, check_export_dir, check_model_path
 
@@ -85,6 +85,11 @@ class RLHFCLI(LightningCLI):
         if stage == "fit":
             inputs = {f"model.init_args.{key}": hparams.get(key) for key in MODEL_PATH_KEYS}
             check_export_dir("model.init_args.export_dir", hparams.get("export_dir"), inputs)
+        report_dir = (hparams.get("evaluation") or {}).get("report_dir")
+        if stage == "test" and report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
+            raise ConfigError(
+                f"model.init_args.evaluation.report_dir: {report_dir!r} is a file; expected a folder for the report"
+            )
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
         self._note_new_dirs()

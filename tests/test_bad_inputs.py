@@ -520,6 +520,15 @@ def test_enough_bad_inputs_are_covered():
     assert len(CASES) >= 30
 
 
+def test_report_dir_that_is_a_file_stops_evaluation_before_it_runs(tmp_path, tiny_exports, capsys):
+    report = tmp_path / "report"
+    report.write_text("an older report, kept")
+    root = _run(tmp_path, "policy", tiny_exports, [f"--model.init_args.evaluation.report_dir={report}"], "test")
+    assert not (root / "evaluation").exists() and report.read_text() == "an older report, kept"
+    line = _one_error_line(capsys)
+    assert f"model.init_args.evaluation.report_dir: '{report}' is a file; expected a folder" in line
+
+
 def test_nan_cost_model_stops_policy_evaluation(tmp_path, tiny_exports, capsys):
     cost = _nan_copy(tiny_exports["cost"], tmp_path / "cost", "score.weight", False)
     root = _run(tmp_path, "policy", tiny_exports, [f"--model.init_args.cost_model_path={cost}"], command="test")
