@@ -34,7 +34,7 @@ from repo_lightning.console import PROGRESS_ENV, silence_known_noise
 from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.errors import ConfigError, MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
-from repo_lightning.validation import check_checkpoint_file, check_export_dir, check_model_path
+from repo_lightning.validation import check_checkpoint_file, check_export_dir, check_model_path, check_seed
 
 DEBUG_ENV = "REPO_LIGHTNING_DEBUG"
 #: Module arguments that name a model folder or hub repository.
@@ -59,6 +59,13 @@ class RLHFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         """Link the data's resolved tokenizer into the module (set once, never repeated in YAML)."""
         parser.link_arguments("data.tokenizer_path", "model.init_args.tokenizer_path", apply_on="instantiate")
+
+    def _set_seed(self) -> None:
+        """As LightningCLI, with an out-of-range ``seed_everything`` a one-line error (was numpy's traceback)."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int):
+            check_seed("seed_everything", seed)
+        super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the config with the hyperparameters stored in --ckpt_path, silently undoing

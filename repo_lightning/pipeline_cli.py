@@ -16,6 +16,7 @@ from pathlib import Path
 from repo_lightning import pipeline as pipeline_module
 from repo_lightning.console import VERBOSE_ENV, StageFailed, silence_known_noise
 from repo_lightning.pipeline import ORACLE_SCORE_ARGS, Pipeline
+from repo_lightning.validation import MAX_SEED
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.reward_ensemble < 1:
         parser.error(f"--reward-ensemble must be >= 1, got {args.reward_ensemble}")
+    top_seed = args.seed + 1000 * (args.reward_ensemble - 1)  # the last ensemble member's (Pipeline.member_seed)
+    if args.seed < 0 or top_seed > MAX_SEED:
+        parser.error(f"--seed must be in [0, {MAX_SEED - 1000 * (args.reward_ensemble - 1)}], got {args.seed}")
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
     if not Path(args.config_dir).is_dir():

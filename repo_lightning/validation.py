@@ -53,6 +53,16 @@ def check_at_least(key: str, value: float | None, minimum: float, minimum_key: s
     raise ConfigError(f"{key} must be >= {bound}, got {value}")
 
 
+#: The seeds ``seed_everything`` accepts (numpy's range).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(key: str, seed: int) -> None:
+    """A seed in ``[0, 2**32 - 1]``, the range ``lightning.seed_everything`` (numpy) accepts."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{key} must be in [0, {MAX_SEED}] (the seeds numpy accepts), got {seed}")
+
+
 def check_optimizer(key: str, optimizer: Callable) -> None:
     """Check the learning rate of an optimizer factory from the config (``functools.partial`` with ``lr``).
 

@@ -182,6 +182,7 @@ CASES: list[tuple[str, str, Setup, str]] = [
         lambda t, e: ["--model.init_args.regularization=-0.5"],
         "model.init_args.regularization must be >= 0, got -0.5",
     ),
+    ("negative-seed", "sft", lambda t, e: ["--seed_everything=-5"], "seed_everything must be in [0, 4294967295]"),
     ("val-fraction", "sft", lambda t, e: ["--data.val_fraction=1.5"], "data.val_fraction must be in [0, 1), got 1.5"),
     ("batch-size", "sft", lambda t, e: ["--data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
     ("eval-batch-size", "sft", lambda t, e: ["--data.eval_batch_size=0"], "data.eval_batch_size must be >= 1, got 0"),

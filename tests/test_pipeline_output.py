@@ -240,12 +240,15 @@ def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, c
         assert f"reward_model_path={exports / 'reward'} " in command  # the first member, and the critic's start
 
 
-def test_a_missing_config_folder_or_an_uncreatable_root_is_named_before_any_stage_runs(tmp_path, capsys):
+def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_before_any_stage_runs(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cases = (
         (["--root", str(tmp_path / "run"), "--config-dir", str(tmp_path / "no_configs")], "--config-dir: "),
         (["--root", str(blocker / "run")], f"--root: cannot create the run folder {blocker / 'run'}"),
+        (["--root", str(tmp_path / "run"), "--seed", "-5"], "--seed must be in [0, 4294967295], got -5"),
+        # the last reward-ensemble member trains with seed + 2000, which must still be a valid seed
+        (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--reward-ensemble", "3"], "--seed must be in"),
     )
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
