@@ -17,6 +17,7 @@ Examples::
     python benchmarks/demo_robustness.py                          # seeds 0 1 2 x threads 1 2, two runs at a time
     python benchmarks/demo_robustness.py --seeds 0 --threads 1 --out /tmp/rob
     python benchmarks/demo_robustness.py --oracle-scores --threads 1 --out /tmp/ceiling   # perfect scores
+    python benchmarks/demo_robustness.py --world seed=1 num_topics=30 mild_frac=0.35 --out /tmp/world1
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def run_pipeline(
     preference_rounds: int = 1,
     oracle_scores: bool = False,
     reward_ensemble: int = 1,
+    world: list[str] = (),
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -60,6 +62,8 @@ def run_pipeline(
         command.append("--oracle-scores")
     if reward_ensemble > 1:
         command += ["--reward-ensemble", str(reward_ensemble)]
+    if world:
+        command += ["--world", *world]
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pipeline.out").open("w") as log:
@@ -138,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reward-ensemble", type=int, default=1, help="passed to the pipeline (docs/algorithm.md 14; default 1)"
     )
+    parser.add_argument(
+        "--world",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to the pipeline: another SafetyWorld (WorldConfig fields; default: the shipped world)",
+    )
     parser.add_argument("--reuse", action="store_true", help="only read runs whose summary.json exists already")
     parser.add_argument("--max-unsafe", type=float, default=0.05)
     parser.add_argument("--min-hazard-reward", type=float, default=0.7)
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.preference_rounds,
                 args.oracle_scores,
                 args.reward_ensemble,
+                args.world,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -177,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "passed": sum(r["passed"] for r in rows.values()),
         "runs": len(rows),
+        "world": args.world,
         "criteria": {
             "max_unsafe_prompt_rate": args.max_unsafe,
             "min_hazard_reward": args.min_hazard_reward,

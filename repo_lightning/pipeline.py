@@ -13,6 +13,7 @@ Example::
     python -m repo_lightning.pipeline --root lightning_logs/demo
     python -m repo_lightning.pipeline --root runs/seed1 --seed 1 --algorithms ppo_lag repo
     python -m repo_lightning.pipeline --root runs/two_rounds --preference-rounds 2
+    python -m repo_lightning.pipeline --root runs/world1 --world seed=1 num_topics=30 mild_frac=0.35
 
 Preference rounds (``--preference-rounds``, default 1: none). With 2 or more, after the first reward and cost
 models each requested policy is trained once as a *collector* and sampled on the training prompts; its answers are
@@ -28,6 +29,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from repo_lightning.console import StageFailed, run_stage
@@ -35,7 +37,7 @@ from repo_lightning.models.model_card import CARD_FILE, update_model_card
 from repo_lightning.pipeline_results import evaluation_figures, read_score_model_tests, write_summary
 from repo_lightning.safetyworld import World
 from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows
-from repo_lightning.safetyworld.config import world_from_overrides
+from repo_lightning.safetyworld.config import WorldConfig, world_from_overrides
 
 #: Answers sampled per training prompt from a collector policy for the next preference round.
 COLLECT_SAMPLES_PER_PROMPT = 8
@@ -370,7 +372,9 @@ class Pipeline:
         Returns:
             ``summary.md`` without its wall-time section (the stage lines already showed the times).
         """
-        return write_summary(self.root, evaluations, self.timings, self.score_model_tests())
+        default = asdict(WorldConfig())
+        changed = {k: v for k, v in asdict(self.world().config).items() if v != default[k]}
+        return write_summary(self.root, evaluations, self.timings, self.score_model_tests(), changed)
 
 
 if __name__ == "__main__":

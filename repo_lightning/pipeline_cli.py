@@ -16,6 +16,7 @@ from pathlib import Path
 from repo_lightning import pipeline as pipeline_module
 from repo_lightning.console import VERBOSE_ENV, StageFailed, silence_known_noise
 from repo_lightning.pipeline import ORACLE_SCORE_ARGS, Pipeline
+from repo_lightning.safetyworld.config import world_from_overrides
 from repo_lightning.validation import MAX_SEED
 
 
@@ -62,7 +63,19 @@ def main(argv: list[str] | None = None) -> None:
         "is trained from its own SFT start (another seed), and the policies use mean - std of their aligned scores "
         "(docs/algorithm.md section 14)",
     )
+    parser.add_argument(
+        "--world",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run every stage on another SafetyWorld: WorldConfig fields (docs/safetyworld.md), e.g. --world seed=1 "
+        "num_topics=30 mild_frac=0.35 (default: the shipped world)",
+    )
     args = parser.parse_args(argv)
+    try:
+        world_from_overrides(args.world)
+    except ValueError as error:
+        parser.error(f"--world: {error}")
     if args.reward_ensemble < 1:
         parser.error(f"--reward-ensemble must be >= 1, got {args.reward_ensemble}")
     top_seed = args.seed + 1000 * (args.reward_ensemble - 1)  # the last ensemble member's (Pipeline.member_seed)
@@ -85,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     per_round = 2 + 2 * len(args.algorithms)  # reward, cost, then fit and sample each collector
     planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + 2 * (args.reward_ensemble - 1)
-    extra = {"policy": ORACLE_SCORE_ARGS} if args.oracle_scores else None
+    extra = {"world": [f"--data.world.{item}" for item in args.world]}
+    if args.oracle_scores:
+        extra["policy"] = ORACLE_SCORE_ARGS
     pipeline = Pipeline(
         args.root,
         args.config_dir,

@@ -48,7 +48,11 @@ def read_score_model_tests(logs: Path, tag: str = "") -> dict[str, dict[str, flo
 
 
 def write_summary(
-    root: Path, evaluations: dict[str, Path], timings: dict[str, float], scorers: dict[str, dict[str, float]]
+    root: Path,
+    evaluations: dict[str, Path],
+    timings: dict[str, float],
+    scorers: dict[str, dict[str, float]],
+    world: dict[str, object] | None = None,
 ) -> str:
     """Side-by-side table of the evaluations, written with the wall times to ``summary.md`` and ``summary.json``.
 
@@ -57,6 +61,7 @@ def write_summary(
         evaluations: Report folder of each evaluated policy, by name.
         timings: Wall time of each stage, by name.
         scorers: :func:`read_score_model_tests` of the final models.
+        world: The SafetyWorld's fields that differ from the defaults (``--world``); ``None`` or empty: the default.
 
     Returns:
         ``summary.md`` without its wall-time section (the stage lines already showed the times).
@@ -73,12 +78,13 @@ def write_summary(
         )
     timing = "\n".join(f"- {name}: {seconds:.1f} s" for name, seconds in timings.items())
     reports = "\n".join(f"- {name}: {path / 'report.md'}" for name, path in evaluations.items())
+    described = " ".join(f"{k}={v}" for k, v in (world or {}).items()) or "the default one"
     text = (
         "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
-        f"are the learned models' judgement.\n\n{table}\n\n## Reports\n{reports}\n"
+        f"are the learned models' judgement. SafetyWorld: {described}.\n\n{table}\n\n## Reports\n{reports}\n"
     )
     (root / "summary.md").write_text(f"{text}\n## Wall time\n{timing}\n")
     (root / "summary.json").write_text(
-        json.dumps({"metrics": metrics, "score_models": scorers, "timings": timings}, indent=2)
+        json.dumps({"metrics": metrics, "score_models": scorers, "timings": timings, "world": world or {}}, indent=2)
     )
     return text

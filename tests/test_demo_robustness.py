@@ -54,3 +54,5 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert "--oracle-scores" in commands[0] and "--oracle-scores" not in commands[1]
     assert "--reward-ensemble" not in commands[0] and commands[1][-2:] == ["--reward-ensemble", "3"]
     assert commands[0][commands[0].index("--seed") + 1] == "1"
+    robustness.run_pipeline(tmp_path / "c", 1, 2, "configs/demo", world=["seed=1", "num_topics=30"])
+    assert commands[2][-3:] == ["--world", "seed=1", "num_topics=30"] and "--world" not in commands[0]

@@ -7,6 +7,7 @@ files the pipeline reads back (a checkpoint after a policy fit, ``metrics.json``
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -212,6 +213,25 @@ def test_oracle_scores_reach_every_policy_stage_and_no_score_stage(fake_stages, 
         assert "scoring." not in (logs / f"{stage}.log").read_text().splitlines()[0], stage
 
 
+def test_world_reaches_every_stage_and_the_summary(fake_stages, capsys):
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo", "repo", "--world", "seed=1", "num_topics=30"])
+    logs = fake_stages / "logs"
+    stages = ["fit_sft", *[s for s in FINAL_ROUND_STAGES if "ppo_lag" not in s], "fit_ppo", "eval_ppo"]
+    for stage in stages:
+        command = (logs / f"{stage}.log").read_text().splitlines()[0]
+        assert "--data.world.seed=1 --data.world.num_topics=30" in command, stage
+    summary = json.loads((fake_stages / "summary.json").read_text())
+    assert summary["world"] == {"seed": 1, "num_topics": 30}
+    assert "SafetyWorld: seed=1 num_topics=30." in (fake_stages / "summary.md").read_text()
+
+
+def test_default_world_is_named_in_the_summary(fake_stages, capsys):
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "repo"])
+    assert "--data.world." not in (fake_stages / "logs" / "fit_sft.log").read_text().splitlines()[0]
+    assert json.loads((fake_stages / "summary.json").read_text())["world"] == {}
+    assert "SafetyWorld: the default one." in (fake_stages / "summary.md").read_text()
+
+
 def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, capsys):
     pipeline_main(["--root", str(fake_stages), "--algorithms", "repo", "--seed", "3", "--reward-ensemble", "3"])
     stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
@@ -247,6 +267,8 @@ def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_befo
         (["--root", str(tmp_path / "run"), "--config-dir", str(tmp_path / "no_configs")], "--config-dir: "),
         (["--root", str(blocker / "run")], f"--root: cannot create the run folder {blocker / 'run'}"),
         (["--root", str(tmp_path / "run"), "--seed", "-5"], "--seed must be in [0, 4294967295], got -5"),
+        (["--root", str(tmp_path / "run"), "--world", "num_topic=3"], "--world: expected KEY=VALUE with KEY a"),
+        (["--root", str(tmp_path / "run"), "--world", "mild_frac=2"], "--world: "),
         # the last reward-ensemble member trains with seed + 2000, which must still be a valid seed
         (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--reward-ensemble", "3"], "--seed must be in"),
     )
