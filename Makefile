@@ -29,8 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# `make demo DEMO_ARGS=--resume` continues an interrupted demo at the stage it stopped in.
+DEMO_ARGS ?=
 demo: install
-	$(PY) -m repo_lightning.pipeline --root lightning_logs/demo
+	$(PY) -m repo_lightning.pipeline --root lightning_logs/demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -25,6 +25,7 @@ those models (docs/safetyworld.md, "Preference rounds on the policy's samples").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from repo_lightning.console import StageFailed, run_stage
+from repo_lightning.console import StageFailed, run_stage, stage_line
 from repo_lightning.models.model_card import CARD_FILE, update_model_card
 from repo_lightning.pipeline_results import evaluation_figures, read_score_model_tests, write_summary
 from repo_lightning.safetyworld import World
@@ -78,6 +79,18 @@ def run_cli(args: list[str], log_file: Path | None = None, label: str | None = N
     return time.perf_counter() - start
 
 
+def stage_record(args: list[str]) -> str:
+    """What identifies a finished stage for ``--resume``: its arguments and the SHA-256 of each ``--config`` file."""
+    configs = {}
+    for index, arg in enumerate(args):
+        path = args[index + 1] if arg == "--config" and index + 1 < len(args) else None
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path is not None and Path(path).is_file():
+            configs[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return json.dumps({"args": args, "configs": configs}, indent=1) + "\n"
+
+
 def latest_checkpoint(folder: Path) -> Path:
     """Newest ``*.ckpt`` under ``folder``."""
     found = sorted(folder.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -100,6 +113,8 @@ class Pipeline:
         reward_ensemble: Reward models the final policies score with: 1 (the default), or the ``reward`` export
             plus ``reward_ensemble - 1`` members, each trained like it from its own SFT start (another seed),
             combined as ``mean - std`` of the aligned scores (``scoring.reward_aggregate: mean_minus_std``).
+        resume: Skip the stages an earlier run in ``root`` finished with the same arguments and configs, up to the
+            first one it did not (see :meth:`_run`); that one and every later one run again.
     """
 
     def __init__(
@@ -111,6 +126,7 @@ class Pipeline:
         quiet: bool = False,
         planned_stages: int = 0,
         reward_ensemble: int = 1,
+        resume: bool = False,
     ) -> None:
         if reward_ensemble < 1:
             raise ValueError(f"reward_ensemble must be >= 1, got {reward_ensemble}")
@@ -122,6 +138,10 @@ class Pipeline:
         self.quiet = quiet
         self.planned_stages = planned_stages
         self.timings: dict[str, float] = {}
+        self.resume = resume
+        self.skipped: list[str] = []
+        self._stage_number = 0
+        self._ran_a_stage = False
 
     def export(self, name: str) -> str:
         """Export folder of a stage."""
@@ -137,10 +157,27 @@ class Pipeline:
         ]
 
     def _run(self, name: str, args: list[str]) -> None:
+        """Run one stage; with ``resume``, skip it if an earlier run finished it with the same command and configs.
+
+        A stage that finishes writes ``logs/<name>.done`` (its arguments and a digest of the config files they
+        name). With ``resume`` the stages before the first one that has no such record, or a different one, are
+        skipped; that stage and every later one run (a later stage may read what an earlier one wrote).
+        """
         log_file = self.root / "logs" / f"{name}.log" if self.quiet else None
-        number = len(self.timings) + 1
+        self._stage_number += 1
+        number = self._stage_number
         label = f"[{number}/{self.planned_stages}] {name}" if self.planned_stages else f"[{number}] {name}"
+        record_file = self.root / "logs" / f"{name}.done"
+        record = stage_record(args)
+        if self.resume and not self._ran_a_stage and record_file.is_file() and record_file.read_text() == record:
+            print(stage_line(label, 0.0, outcome="skipped") + " (done by an earlier run)", flush=True)
+            self.skipped.append(name)
+            return
+        self._ran_a_stage = True
+        record_file.unlink(missing_ok=True)
         self.timings[name] = run_cli(args, log_file, label)
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(record)
 
     def world(self) -> World:
         """The SafetyWorld of this run, from the ``--data.world.KEY=VALUE`` arguments of ``extra["world"]``.

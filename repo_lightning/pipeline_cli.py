@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         help="run every stage on another SafetyWorld: WorldConfig fields (docs/safetyworld.md), e.g. --world seed=1 "
         "num_topics=30 mild_frac=0.35 (default: the shipped world)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the stages an earlier run in --root finished with the same arguments and config files (an "
+        "interrupted run continues at the stage it stopped in; that stage and every later one run again)",
+    )
     args = parser.parse_args(argv)
     try:
         world_from_overrides(args.world)
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         quiet=not args.verbose,
         planned_stages=planned,
         reward_ensemble=args.reward_ensemble,
+        resume=args.resume,
     )
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(pipeline.summary(evaluations))
     print(f"total wall time: {time.perf_counter() - start:.0f} s")
+    if pipeline.skipped:
+        print(f"--resume: {len(pipeline.skipped)} stages finished by an earlier run were skipped")
     print(f"report: {Path(args.root) / 'summary.md'} (per-policy reports under {Path(args.root) / 'eval'})")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -131,6 +132,47 @@ def test_a_failed_stage_is_named_with_its_log_file_and_last_lines(fake_stages, c
     assert f"full log: {log_file}" in captured.err
     assert captured.err.rstrip().endswith("ValueError: the cause of the failure")
     assert "noise 299" in captured.err and "noise 100" not in captured.err  # only the tail
+
+
+def _stage_outcomes(out: str) -> dict[str, str]:
+    """``{stage name: "done" | "skipped"}`` from the stage lines of the pipeline's output."""
+    return {line.split()[1]: line.split("]")[-1].split()[0] for line in out.splitlines() if line.startswith("[")}
+
+
+def test_resume_continues_an_interrupted_pipeline_at_the_failed_stage(fake_stages, capsys, monkeypatch):
+    monkeypatch.setenv("FAIL_STAGE", "fit_policy_repo")  # the stage fit_repo (its run is named policy_repo)
+    with pytest.raises(SystemExit):
+        pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+    capsys.readouterr()
+    monkeypatch.delenv("FAIL_STAGE")
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--resume"])
+    outcomes = _stage_outcomes(capsys.readouterr().out)
+    stages = ["fit_sft", *FINAL_ROUND_STAGES]
+    assert list(outcomes) == stages
+    first_rerun = stages.index("fit_repo")
+    assert all(outcomes[s] == "skipped" for s in stages[:first_rerun])
+    assert all(outcomes[s] == "done" for s in stages[first_rerun:])
+    assert (fake_stages / "summary.md").is_file()
+    # everything finished: a second resume skips every stage; without --resume every stage runs again
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo", "--resume"])
+    assert set(_stage_outcomes(capsys.readouterr().out).values()) == {"skipped"}
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo_lag", "repo"])
+    assert set(_stage_outcomes(capsys.readouterr().out).values()) == {"done"}
+
+
+def test_resume_reruns_from_the_first_stage_whose_config_or_arguments_changed(fake_stages, tmp_path, capsys):
+    configs = tmp_path / "configs"
+    shutil.copytree(Path(pipeline_module.__file__).parents[1] / "configs" / "demo", configs)
+    base = ["--root", str(fake_stages), "--config-dir", str(configs), "--algorithms", "repo"]
+    pipeline_main(base)
+    capsys.readouterr()
+    (configs / "cost.yaml").write_text((configs / "cost.yaml").read_text() + "\n# edited\n")
+    pipeline_main([*base, "--resume"])
+    outcomes = _stage_outcomes(capsys.readouterr().out)
+    assert [s for s, o in outcomes.items() if o == "skipped"] == ["fit_sft", "fit_reward", "test_reward"]
+    assert outcomes["fit_cost"] == "done" and outcomes["eval_repo"] == "done"  # and every later stage
+    pipeline_main([*base, "--resume", "--seed", "1"])  # other arguments: nothing is skipped
+    assert set(_stage_outcomes(capsys.readouterr().out).values()) == {"done"}
 
 
 def test_run_stage_shows_progress_on_a_terminal(tmp_path):
