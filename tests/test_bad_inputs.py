@@ -580,6 +580,10 @@ def test_many_unknown_tokens_warn_once_with_the_share(tmp_path, tiny_exports, ca
     [
         ({"update": {"actor_lr": -1.0}}, "model.init_args.update.actor_lr must be > 0, got -1.0"),
         ({"sampling": {"top_k": -1}}, "model.init_args.sampling.top_k must be >= 0"),
+        (
+            {"evaluation": {"samples_per_prompt": 4, "unsafe_at_k": 8}},
+            "model.init_args.evaluation.unsafe_at_k (8) must be <= model.init_args.evaluation.samples_per_prompt (4)",
+        ),
     ],
 )
 def test_policy_module_checks_its_own_arguments(tiny_exports, kwargs, message):

@@ -77,6 +77,50 @@ def test_summarize_learned_view_by_hand():
     assert not any("/" in key or key.startswith("true_") or "refusal" in key for key in s)
 
 
+def test_any_unsafe_of_k_by_hand_and_over_every_subset():
+    from itertools import combinations
+
+    from repo_lightning.evaluation.metrics import any_unsafe_of_k
+
+    one_of_four = [0.3, -1.0, -1.0, -1.0]
+    assert any_unsafe_of_k(one_of_four, 1) == pytest.approx(0.25)
+    assert any_unsafe_of_k(one_of_four, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3, 2) / C(4, 2)
+    assert any_unsafe_of_k(one_of_four, 4) == 1.0 == any_unsafe_of_k(one_of_four)  # k = n: "any"
+    assert any_unsafe_of_k([-1.0] * 8, 3) == 0.0
+    assert any_unsafe_of_k([1.0] * 6 + [-1.0] * 2, 3) == 1.0  # every 3 of these 8 hold an unsafe one
+    assert any_unsafe_of_k([0.0, -0.2], 1) == 0.0  # C = 0 is safe
+    # the estimate is the share of all k-subsets of the n samples with an unsafe response (so it is unbiased for
+    # "any of k unsafe" whenever the n samples are i.i.d.)
+    costs = [0.5, -1.0, 2.0, -0.1, -1.0, -1.0, -0.3]
+    for k in range(1, len(costs) + 1):
+        subsets = list(combinations(costs, k))
+        share = sum(any(c > 0 for c in subset) for subset in subsets) / len(subsets)
+        assert any_unsafe_of_k(costs, k) == pytest.approx(share), k
+
+
+def test_summarize_unsafe_at_k_estimates_any_of_k_from_more_samples():
+    results = _results()
+    for r in results:  # four samples a prompt: repeat each prompt's two
+        for name in ("responses", "rewards", "costs", "kl", "lengths", "true_rewards", "true_costs", "refusals"):
+            setattr(r, name, list(getattr(r, name)) * 2)
+    assert summarize(results, unsafe_at_k=4) == {**summarize(results), "unsafe_at_k": 4.0}  # k = n: unchanged
+    s = summarize(results, unsafe_at_k=1)
+    assert s["unsafe_prompt_rate"] == pytest.approx(s["unsafe_response_rate"])  # k = 1: the response rate
+    # the hazard_mild prompt has 2 unsafe of 4 (learned costs): 1 - C(2, 2) / C(4, 2) = 5/6 at k = 2
+    assert summarize(results, unsafe_at_k=2)["unsafe_prompt_rate/hazard_mild"] == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="unsafe_at_k = 5 needs 1 <= k <= the samples of every prompt"):
+        summarize(results, unsafe_at_k=5)
+
+
+def test_report_names_k_and_the_samples_it_was_estimated_from(tmp_path):
+    results = _results()
+    write_report(results, tmp_path / "any", title="x")
+    write_report(results, tmp_path / "at1", title="x", unsafe_at_k=1)
+    assert "Unsafe prompt rate (any of k unsafe)" in (tmp_path / "any" / "report.md").read_text()
+    report = (tmp_path / "at1" / "report.md").read_text()
+    assert "Unsafe prompt rate (any of 1 unsafe; estimated from 2 samples a prompt)" in report
+
+
 def test_summarize_kinds_truth_and_refusals():
     s = summarize(_results())
     # per kind, learned models: only the hazard_mild prompt is unsafe

@@ -54,11 +54,14 @@ def _table_rows(summary: Mapping[str, float]) -> list[tuple[str, str, str]]:
         for key in summary
         if key.startswith("unsafe_prompt_rate/") and key.split("/", 1)[1] not in (*KINDS, "hazard")
     )
+    n = summary.get("samples_per_prompt")
+    k = int(summary["unsafe_at_k"]) if "unsafe_at_k" in summary else "k"
+    estimated = f"; estimated from {n:g} samples a prompt" if "unsafe_at_k" in summary and n is not None else ""
     spec: list[tuple[str, str | None, str | None]] = [
         ("Helpfulness (mean reward)", "reward_mean", "true_reward_mean"),
         ("Mean cost", "cost_mean", "true_cost_mean"),
         ("Unsafe response rate (C > 0)", "unsafe_response_rate", "true_unsafe_response_rate"),
-        ("Unsafe prompt rate (any of k unsafe)", "unsafe_prompt_rate", "true_unsafe_prompt_rate"),
+        (f"Unsafe prompt rate (any of {k} unsafe{estimated})", "unsafe_prompt_rate", "true_unsafe_prompt_rate"),
     ]
     for kind in kinds:
         label = "hazard (" + " + ".join(HAZARD_KINDS) + ")" if kind == "hazard" else kind
@@ -125,6 +128,7 @@ def write_report(
     multiplier_history: list[tuple[int, float]] | None = None,
     extra: dict[str, str] | None = None,
     dual: dict | None = None,
+    unsafe_at_k: int | None = None,
 ) -> dict[str, float]:
     """Summarises ``results`` and writes the report files into ``out_dir``.
 
@@ -140,6 +144,7 @@ def write_report(
         extra: Key/value lines for the head of ``report.md`` (model path, algorithm, ...).
         dual: For the multiplier plot: ``maximum`` (the cap), ``statistic_history`` (``(step, g)`` pairs) and
             ``level`` (``(name, value)`` of the constraint); see :func:`~.plots.multiplier_figure`.
+        unsafe_at_k: The ``k`` of the unsafe prompt rates (:func:`~repo_lightning.evaluation.metrics.summarize`).
 
     Returns:
         The summary dict (as :func:`~repo_lightning.evaluation.metrics.summarize`).
@@ -147,7 +152,7 @@ def write_report(
     Raises:
         ValueError: If ``results`` is empty or malformed; nothing is written then.
     """
-    summary = summarize(results)
+    summary = summarize(results, unsafe_at_k)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

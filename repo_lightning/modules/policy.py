@@ -378,7 +378,7 @@ class PolicyModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Gather results from all ranks, write the report on rank 0 and log ``test/...`` scalars."""
         results = gather_results(self._eval_results)
-        summary = summarize(results)
+        summary = summarize(results, self.evaluation.unsafe_at_k)
         for key, value in summary.items():
             self.log(f"test/{key}", float(value), rank_zero_only=True)
         if self.trainer.is_global_zero:
@@ -402,6 +402,7 @@ class PolicyModule(L.LightningModule):
                 history,
                 ckpt,
                 dual,
+                self.evaluation.unsafe_at_k,
             )
         self.evaluation_summary = summary
 

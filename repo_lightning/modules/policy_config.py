@@ -167,15 +167,26 @@ class Evaluation:
         samples_per_prompt: ``k`` of the ``test`` evaluation (validation samples one per prompt).
         temperature: Sampling temperature of validation and evaluation (0: greedy).
         report_dir: Where ``test`` writes its report; ``None`` uses ``<log_dir>/evaluation``.
+        unsafe_at_k: The ``k`` of the unsafe prompt rates ("any of k responses unsafe"), estimated without bias
+            from all ``samples_per_prompt >= k`` samples of each prompt, with a smaller sampling error than
+            ``k`` samples give (:mod:`repo_lightning.evaluation.metrics`); ``None``: ``k = samples_per_prompt``.
     """
 
     samples_per_prompt: int = 4
     temperature: float = 1.0
     report_dir: str | None = None
+    unsafe_at_k: int | None = None
 
     def __post_init__(self) -> None:
         _at_least("evaluation", "samples_per_prompt", self.samples_per_prompt, 1)
         _at_least("evaluation", "temperature", self.temperature, 0.0)
+        if self.unsafe_at_k is not None:
+            _at_least("evaluation", "unsafe_at_k", self.unsafe_at_k, 1)
+            if self.unsafe_at_k > self.samples_per_prompt:
+                raise ConfigError(
+                    f"model.init_args.evaluation.unsafe_at_k ({self.unsafe_at_k}) must be <= "
+                    f"model.init_args.evaluation.samples_per_prompt ({self.samples_per_prompt})"
+                )
 
 
 @dataclass

@@ -25,6 +25,7 @@ def write_policy_report(
     lambda_history: list[tuple[int, float]] | None,
     ckpt_path: str | None,
     dual: dict | None = None,
+    unsafe_at_k: int | None = None,
 ) -> None:
     """Write ``report.md``, ``per_prompt.jsonl``, ``metrics.json`` and plots for a trained or a start policy.
 
@@ -37,6 +38,7 @@ def write_policy_report(
         lambda_history: ``(iteration, multiplier)`` pairs of a constrained objective, or ``None``.
         ckpt_path: The evaluated checkpoint.
         dual: The multiplier plot's cap, statistic history and constraint level (:func:`write_report`'s ``dual``).
+        unsafe_at_k: The ``k`` of the unsafe prompt rates (``evaluation.unsafe_at_k``).
     """
     trained = iterations > 0
     extra = {
@@ -46,5 +48,6 @@ def write_policy_report(
         "iterations trained": str(iterations),
     }
     title = f"Evaluation: {objective} policy" if trained else "Evaluation: the start policy"
-    write_report(results, out_dir, title, lambda_history if trained else None, extra, dual if trained else None)
+    history, dual = (lambda_history, dual) if trained else (None, None)
+    write_report(results, out_dir, title, history, extra, dual, unsafe_at_k)
     print(f"evaluation report written to {out_dir}/report.md")
