@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--policy-epochs", type=int, default=None, help="trainer.max_epochs of every policy")
     parser.add_argument("--policy-batches", type=int, default=None, help="trainer.limit_train_batches of policies")
-    parser.add_argument("--eval-k", type=int, default=None, help="samples per held-out prompt (default: config)")
+    parser.add_argument("--eval-k", type=int, default=None, help="held-out samples a prompt (= k)")
     parser.add_argument(
         "--extra",
         action="append",
@@ -167,6 +167,7 @@ def stage_arguments(args: argparse.Namespace) -> dict[str, list[str]]:
         policy.append(f"--trainer.limit_train_batches={args.policy_batches}")
     if args.eval_k is not None:
         policy.append(f"--model.init_args.evaluation.samples_per_prompt={args.eval_k}")
+        policy.append(f"--model.init_args.evaluation.unsafe_at_k={args.eval_k}")  # any of those k, as before
     extra["policy"] = [*policy, *extra.get("policy", [])]
     return extra
 
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"WARNING: the policy configs set different rollout budgets: {budgets}", flush=True)
     repo_args = configs["repo"]["model"]["init_args"]
     base_estimator = (repo_args.get("estimation") or {}).get("estimator", "gae")
-    eval_k = args.eval_k or (repo_args.get("evaluation") or {}).get("samples_per_prompt", 4)
+    evaluation = repo_args.get("evaluation") or {}
+    eval_n = args.eval_k or evaluation.get("samples_per_prompt", 4)
+    eval_k = args.eval_k or evaluation.get("unsafe_at_k") or eval_n
     search_seed = args.seeds[0] if args.search_seed is None else args.search_seed
     for flag, seeds in (("--ablation-seeds", args.ablation_seeds), ("--estimator-seeds", args.estimator_seeds)):
         if not set(seeds or []) <= set(args.seeds):
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stage_extra": bench.stage_extra,
         "policy_budgets": budgets,
         "eval_k": eval_k,
+        "eval_samples": eval_n,
         "jobs": args.jobs,
         "config_mtimes": {
             p.name: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.stat().st_mtime))

@@ -220,7 +220,9 @@ def render(results: dict) -> str:
         f"`{settings['command']}`",
         "",
         f"Seeds {seeds}; mean ± std (sample std) over seeds; held-out evaluation prompts, "
-        f"k = {settings['eval_k']} samples per prompt. Wall time {results['wall_s'] / 60:.1f} min with "
+        f"unsafe prompt rates: any of k = {settings['eval_k']} answers unsafe, from "
+        f"{settings.get('eval_samples', settings['eval_k'])} samples per prompt. "
+        f"Wall time {results['wall_s'] / 60:.1f} min with "
         f"{settings['jobs']} job(s); CPU time of all stages {results['cpu_s'] / 60:.1f} min.",
         "",
         *world_lines(settings),
