@@ -45,6 +45,7 @@ def run_pipeline(
     oracle_scores: bool = False,
     reward_ensemble: int = 1,
     world: list[str] = (),
+    resume: bool = False,
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -64,6 +65,8 @@ def run_pipeline(
         command += ["--reward-ensemble", str(reward_ensemble)]
     if world:
         command += ["--world", *world]
+    if resume:
+        command.append("--resume")
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "pipeline.out").open("w") as log:
@@ -149,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="passed to the pipeline: another SafetyWorld (WorldConfig fields; default: the shipped world)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="passed to the pipeline: an interrupted run continues at the stage it stopped in",
+    )
     parser.add_argument("--reuse", action="store_true", help="only read runs whose summary.json exists already")
     parser.add_argument("--max-unsafe", type=float, default=0.05)
     parser.add_argument("--min-hazard-reward", type=float, default=0.7)
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.oracle_scores,
                 args.reward_ensemble,
                 args.world,
+                args.resume,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -56,3 +56,5 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert commands[0][commands[0].index("--seed") + 1] == "1"
     robustness.run_pipeline(tmp_path / "c", 1, 2, "configs/demo", world=["seed=1", "num_topics=30"])
     assert commands[2][-3:] == ["--world", "seed=1", "num_topics=30"] and "--world" not in commands[0]
+    robustness.run_pipeline(tmp_path / "d", 1, 2, "configs/demo", resume=True)
+    assert commands[3][-1] == "--resume" and "--resume" not in commands[2]
