@@ -135,26 +135,26 @@ def check_export_dir(key: str, path: str | None, inputs: dict[str, str | None] |
     if path is None:
         return
     folder = Path(os.path.expanduser(str(path)))
-    for input_key, input_path in (inputs or {}).items():
-        if input_path and looks_local(str(input_path)) and Path(os.path.expanduser(str(input_path))).exists():
-            if folder.exists() and folder.resolve() == Path(os.path.expanduser(str(input_path))).resolve():
-                raise ConfigError(
-                    f"{key}: {str(path)!r} is this stage's input ({input_key}); exporting there would replace it; "
-                    "choose another folder"
-                )
     if not folder.exists():
         return
-    if not folder.is_dir():
-        raise ConfigError(f"{key}: {str(path)!r} is a file; expected a folder to write the model to")
+    for input_key, input_path in (inputs or {}).items():
+        source = Path(os.path.expanduser(str(input_path))) if input_path else None
+        if source is not None and source.exists() and source.resolve() == folder.resolve():
+            raise ConfigError(
+                f"{key}: {str(path)!r} is this stage's input ({input_key}); exporting there would replace it; "
+                "choose another folder"
+            )
     refusal = export_dir_refusal(folder)
     if refusal:
         raise ConfigError(f"{key}: {refusal}")
 
 
 def export_dir_refusal(folder: Path) -> str | None:
-    """Why ``folder`` (which exists) must not be replaced by an export, or ``None`` if it may (empty, or a model)."""
-    if (folder / "config.json").is_file():
+    """Why ``folder`` must not be replaced by an export, or ``None`` if it may (new, empty, or a model)."""
+    if not folder.exists() or (folder / "config.json").is_file():
         return None
+    if not folder.is_dir():
+        return f"{str(folder)!r} is a file; expected a folder to write the model to"
     entries = sorted(entry.name for entry in folder.iterdir())
     if not entries:
         return None

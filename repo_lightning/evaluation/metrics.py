@@ -24,9 +24,9 @@ Metric keys (flat, stable; logged as ``test/<key>``):
 **Estimating "any of k" from more samples** (``unsafe_at_k``). With ``n > k`` samples per prompt the
 ``unsafe_prompt_rate`` family is the unbiased estimate of the probability that at least one of ``k`` responses is
 unsafe, ``1 - C(n - u, k) / C(n, k)`` for ``u`` unsafe of ``n`` (the pass@k estimator of Chen et al., 2021, for
-failures), averaged over prompts: the same quantity as with ``k`` samples, with a smaller sampling error (a rate near
-0.05 over 48 prompts has a standard error of about 0.03 with ``n = k = 4``, about half that with ``n = 16``). The
-summary then holds ``unsafe_at_k``; without it ``k`` is each prompt's ``n``.
+failures), averaged over prompts: the same quantity as with ``k`` samples, with a smaller sampling error (measured on
+one RePO policy, six evaluation seeds: 10-30 % less spread with ``n = 16`` than with ``n = k = 4``; docs/results.md
+round 9). The summary then holds ``unsafe_at_k``; without it ``k`` is each prompt's ``n``.
 """
 
 from __future__ import annotations

@@ -56,9 +56,7 @@ def export_pretrained(
     """
     refuse_nonfinite_weights(state_dict if state_dict is not None else model.state_dict(), export_dir)
     export_dir = Path(export_dir)
-    if export_dir.exists() and not export_dir.is_dir():
-        raise ConfigError(f"refusing to export to {str(export_dir)!r}: it is a file, not a folder")
-    refusal = export_dir_refusal(export_dir) if export_dir.is_dir() else None
+    refusal = export_dir_refusal(export_dir)
     if refusal:
         raise ConfigError(f"refusing to export: {refusal}")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
