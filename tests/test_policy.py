@@ -377,6 +377,31 @@ def test_test_subcommand_writes_report_with_ground_truth(tmp_path, tiny_exports,
     assert metrics["true_unsafe_prompt_rate"] == pytest.approx(summary["true_unsafe_prompt_rate"])
 
 
+def test_unsafe_at_k_reaches_the_evaluation_and_its_report(tmp_path, tiny_exports, tiny_world_config):
+    from repo_lightning.evaluation import read_results
+    from repo_lightning.evaluation.metrics import any_unsafe_of_k
+
+    report_dir = tmp_path / "report"
+    config = _policy_config(tmp_path, tiny_exports, tiny_world_config, data={"eval_batch_size": 8})
+    cli = main(
+        [
+            "test",
+            "--config",
+            config,
+            f"--model.evaluation.report_dir={report_dir}",
+            "--model.evaluation.samples_per_prompt=4",
+            "--model.evaluation.unsafe_at_k=2",
+        ]
+    )
+    results = read_results(report_dir / "per_prompt.jsonl")
+    assert all(len(r.responses) == 4 for r in results)
+    expected = sum(any_unsafe_of_k(r.true_costs, 2) for r in results) / len(results)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["unsafe_at_k"] == 2 and metrics["true_unsafe_prompt_rate"] == pytest.approx(expected)
+    assert cli.model.evaluation_summary["true_unsafe_prompt_rate"] == pytest.approx(expected)
+    assert "any of 2 unsafe; estimated from 4 samples a prompt" in (report_dir / "report.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------- cross-tokenizer
 def _foreign_exports(tmp_path: Path, exports: dict[str, str], world: WorldConfig) -> dict[str, str]:
     """Reward and cost models whose tokenizer holds the same words as the policy's in a shuffled order."""
