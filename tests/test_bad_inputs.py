@@ -361,6 +361,17 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "{tmp}/train.jsonl: no rows",
     ),
     (
+        # one row, and val_fraction=0.9 rounds to holding out that row: was a ValueError traceback
+        "val-fraction-leaves-no-training-rows",
+        "sft",
+        lambda t, e: [
+            f"--data.dataset={_jsonl(t / 'train.jsonl', [{'prompt': 'hi', 'response': 'ok'}])}",
+            "--data.val_fraction=0.9",
+        ],
+        "data.val_fraction: 0.9 of {tmp}/train.jsonl's 1 rows holds out all of them for validation, leaving no "
+        "training rows",
+    ),
+    (
         "missing-field",
         "sft",
         lambda t, e: [f"--data.dataset={_jsonl(t / 'train.jsonl', [{'question': 'hi', 'response': 'ok'}])}"],

@@ -272,7 +272,10 @@ class RLHFDataModule(L.LightningDataModule):
             self.datasets["val"] = _ListDataset([examples[i] for i in sorted(order[:num_val])])
             self.datasets["train"] = _ListDataset([examples[i] for i in sorted(order[num_val:])])
             if len(self.datasets["train"]) == 0:
-                raise ValueError(f"{source}: no training rows left after holding out val_fraction={self.val_fraction}")
+                raise ConfigError(
+                    f"data.val_fraction: {self.val_fraction} of {source}'s {len(examples)} rows holds out all of them "
+                    "for validation, leaving no training rows; lower data.val_fraction or give more rows"
+                )
         if stage in (None, "test") and "test" not in self.datasets:
             dataset = self.test_dataset or self.dataset
             if dataset == SAFETYWORLD:
