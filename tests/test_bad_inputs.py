@@ -541,6 +541,15 @@ def test_report_dir_that_is_a_file_stops_evaluation_before_it_runs(tmp_path, tin
     assert f"model.init_args.evaluation.report_dir: '{report}' is a file; expected a folder" in line
 
 
+def test_prompt_kind_that_is_not_a_string_stops_evaluation_before_it_runs(tmp_path, tiny_exports, capsys):
+    # the evaluation groups prompts by kind: a list there was a TypeError traceback (unhashable type) after sampling
+    rows = [{"prompt": "hi", "kind": "benign"}, {"prompt": "yo", "kind": ["benign"]}]
+    prompts = _jsonl(tmp_path / "prompts.jsonl", rows)
+    _run(tmp_path, "policy", tiny_exports, [f"--data.dataset={prompts}"], "test")
+    line = _one_error_line(capsys)
+    assert f"{prompts}: row 1: field 'kind': expected a string (or no such field), got ['benign']" in line
+
+
 def test_nan_cost_model_stops_policy_evaluation(tmp_path, tiny_exports, capsys):
     cost = _nan_copy(tiny_exports["cost"], tmp_path / "cost", "score.weight", False)
     root = _run(tmp_path, "policy", tiny_exports, [f"--model.init_args.cost_model_path={cost}"], command="test")

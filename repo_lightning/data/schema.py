@@ -129,8 +129,10 @@ def validate_rows(
             out["is_response_1_safe"] = _flag(row, source, index, "is_response_1_safe")
         elif mode != "prompts":
             raise ValueError(f"mode must be 'sft', 'preference' or 'prompts', got {mode!r}")
-        for key in extras:
-            if key in row:
+        for key in extras:  # optional labels the evaluation groups prompts by: strings, or absent / null
+            if row.get(key) is not None:
+                if not isinstance(row[key], str):
+                    raise _fail(source, index, key, "a string (or no such field)", row[key])
                 out[key] = row[key]
         clean.append(out)
     if not clean:
