@@ -550,6 +550,16 @@ def test_prompt_kind_that_is_not_a_string_stops_evaluation_before_it_runs(tmp_pa
     assert f"{prompts}: row 1: field 'kind': expected a string (or no such field), got ['benign']" in line
 
 
+def test_other_prompts_beside_safetyworld_stop_evaluation_before_it_runs(tmp_path, tiny_exports, capsys):
+    # data.dataset: safetyworld (the config's) with a test file of another task's prompts: SafetyWorld's oracle
+    # scores every test prompt, and was a ValueError traceback after sampling ("names 0 topic subjects")
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "how do i bake bread"}])
+    root = _run(tmp_path, "policy", tiny_exports, [f"--data.test_dataset={prompts}"], "test")
+    assert not (root / "evaluation").exists()
+    line = _one_error_line(capsys)
+    assert f"{prompts}: row 0: not a SafetyWorld prompt (prompt 'how do i bake bread' names 0 topic subjects" in line
+
+
 def test_nan_cost_model_stops_policy_evaluation(tmp_path, tiny_exports, capsys):
     cost = _nan_copy(tiny_exports["cost"], tmp_path / "cost", "score.weight", False)
     root = _run(tmp_path, "policy", tiny_exports, [f"--model.init_args.cost_model_path={cost}"], command="test")

@@ -20,6 +20,7 @@ from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.data.records import PreferenceBatch, PromptBatch, SFTBatch
 from repo_lightning.data.schema import DataValidationError
 from repo_lightning.data.sources import read_rows
+from repo_lightning.errors import DataError
 from repo_lightning.safetyworld import World, WorldConfig
 
 HEAD = ["<s>", "BEGINNING", "OF", "CONVERSATION", ":", "USER", ":"]
@@ -162,6 +163,21 @@ def test_safetyworld_test_split_uses_held_out_prompts(tmp_path, tiny_world_confi
     world = World(tiny_world_config)
     assert batch.prompts == [r["prompt"] for r in world.eval_prompts()]
     assert batch.index.tolist() == list(range(16))
+
+
+def test_a_prompt_file_beside_safetyworld_must_hold_safetyworld_prompts(tmp_path, tiny_world_config):
+    # The pipeline's collection rounds test on a file of SafetyWorld prompts: accepted, scored by the oracle.
+    world = World(tiny_world_config)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in world.rl_prompts()[:4]))
+    dm = _world_dm(tmp_path, tiny_world_config, "prompts", test_dataset=str(prompts))
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 4 and dm.oracle is not None
+    # Prompts of another task would have stopped the evaluation mid-way with the oracle's ValueError.
+    prompts.write_text(json.dumps(world.rl_prompts()[0]) + "\n" + json.dumps({"prompt": "how do i bake bread"}) + "\n")
+    dm = _world_dm(tmp_path, tiny_world_config, "prompts", test_dataset=str(prompts))
+    with pytest.raises(DataError, match=re.escape(f"{prompts}: row 1: not a SafetyWorld prompt (prompt 'how do i")):
+        dm.setup("test")
 
 
 def _split_indices(dm: RLHFDataModule) -> tuple[list[int], list[int]]:

@@ -21,7 +21,7 @@ from repo_lightning.data.collate import (
 from repo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from repo_lightning.data.schema import Mode, SFTResponse, validate_rows
 from repo_lightning.data.sources import LOCAL_SUFFIXES, SAFETYWORLD, SafetyWorldCache, check_source, read_rows
-from repo_lightning.errors import ConfigError
+from repo_lightning.errors import ConfigError, DataError
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, check_template, encode_prompt, encode_response
 from repo_lightning.text.tokenizers import load_tokenizer
@@ -200,6 +200,8 @@ class RLHFDataModule(L.LightningDataModule):
         clean = validate_rows(rows, mode, source, self.field_map, self.sft_response)
         tok, truncated = self.tokenizer, 0
         world = self.oracle if (source.startswith("safetyworld") if oracle is None else oracle) else None
+        if not source.startswith("safetyworld") and (world is not None or (mode == "prompts" and self.oracle)):
+            self._check_world_prompts(clean, source)
         examples = []
         for index, row in enumerate(clean):
             prompt_ids, cut = encode_prompt(tok, row["prompt"], self.template, self.max_prompt_length)
@@ -236,6 +238,23 @@ class RLHFDataModule(L.LightningDataModule):
             log.warning("%s: %d texts were truncated to fit max_prompt_length/max_length", source, truncated)
         self._warn_on_unk(examples, source)
         return examples
+
+    def _check_world_prompts(self, rows: list[dict], source: str) -> None:
+        """Rows of a file that SafetyWorld's ground truth will score must be SafetyWorld prompts.
+
+        With ``data.dataset`` or ``data.test_dataset`` set to ``safetyworld``, the policy scores every prompt with
+        the world's oracles (``true_*`` metrics), and preference rows added to SafetyWorld's get their true scores
+        from it, so a prompt of another task would stop the run mid-way with the oracle's ``ValueError``.
+        """
+        for index, row in enumerate(rows):
+            try:
+                self.oracle.topic_of(row["prompt"])
+            except ValueError as err:
+                raise DataError(
+                    f"{source}: row {index}: not a SafetyWorld prompt ({err}); with data.dataset or "
+                    "data.test_dataset: safetyworld, SafetyWorld's ground truth scores these rows too, so they must "
+                    "be SafetyWorld prompts (or take both data.dataset and data.test_dataset from files)"
+                ) from err
 
     def _warn_on_unk(self, examples: list, source: str) -> None:
         """Warn (once per DataModule) when many tokens are unk: the tokenizer probably does not fit the text."""
