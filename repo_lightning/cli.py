@@ -34,7 +34,13 @@ from repo_lightning.console import PROGRESS_ENV, silence_known_noise
 from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.errors import ConfigError, MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
-from repo_lightning.validation import check_checkpoint_file, check_export_dir, check_model_path, check_seed
+from repo_lightning.validation import (
+    check_checkpoint_file,
+    check_export_dir,
+    check_model_path,
+    check_non_negative,
+    check_seed,
+)
 
 DEBUG_ENV = "REPO_LIGHTNING_DEBUG"
 #: Module arguments that name a model folder or hub repository.
@@ -79,6 +85,8 @@ class RLHFCLI(LightningCLI):
     def _check_inputs(self, stage: str) -> None:
         """Model folders, the checkpoint and every data row, before the logger writes anything."""
         hparams = self.model.hparams
+        # Lightning skips clipping for a value <= 0: a negative one would train unclipped, silently
+        check_non_negative("trainer.gradient_clip_val", self.trainer.gradient_clip_val)
         for key in MODEL_PATH_KEYS:
             check_model_path(f"model.init_args.{key}", hparams.get(key))
         for key in ("reward_ensemble_paths", "cost_ensemble_paths"):

@@ -192,6 +192,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
         lambda t, e: ["--data.max_length=16", "--data.max_prompt_length=32"],
         "data.max_length (16) must exceed data.max_prompt_length (32)",
     ),
+    (
+        # Lightning skips clipping for a value <= 0: the run trained unclipped, silently
+        "negative-gradient-clip",
+        "sft",
+        lambda t, e: ["--trainer.gradient_clip_val=-1"],
+        "trainer.gradient_clip_val must be >= 0, got -1",
+    ),
     ("template", "sft", lambda t, e: ["--data.template=USER: hello"], "data.template must contain '{prompt}'"),
     (
         "policy-negative-actor-lr",
