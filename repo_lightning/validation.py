@@ -171,6 +171,33 @@ def check_tokenizer_path(key: str, path: str | None) -> None:
         raise MissingInputError(f"{key}: no tokenizer at {path!r} (no such folder)")
 
 
+def check_vocabulary(key: str, path: str | None, model, tokenizer, tokenizer_path: str | None) -> None:
+    """A loaded model must have an embedding row for every id of the tokenizer it is trained or run with.
+
+    A tokenizer larger than the model's embedding (another model's, or SafetyWorld's of another world) gives ids
+    past its end: an index error mid-step on CPU, a device-side assert on GPU, and an export whose tokenizer does not
+    fit its model.
+
+    Args:
+        key: The model's setting (``model.init_args.model_name_or_path``), named in the error.
+        path: The model's folder or hub name; ``None`` (a model built from ``model_config``) is not checked.
+        model: The loaded model.
+        tokenizer: The stage's tokenizer.
+        tokenizer_path: Where the tokenizer came from (``data.tokenizer``), named in the error.
+
+    Raises:
+        ConfigError: ``data.tokenizer: '...' has N tokens, but <key> ('...') has embeddings for M; ...``.
+    """
+    if path is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"data.tokenizer: {tokenizer_path!r} has {len(tokenizer)} tokens, but {key} ({path!r}) has embeddings "
+            f"for {rows}; use the tokenizer the model was trained with (the one saved in its folder)"
+        )
+
+
 def validate_stage_args(
     optimizer: Callable, warmup_steps: int, regularization: float = 0.0, oracle_margin: float = 0.0
 ) -> None:

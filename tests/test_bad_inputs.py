@@ -133,6 +133,14 @@ def _nan_copy(source: str, target: Path, parameter: str, causal: bool) -> str:
     return str(target)
 
 
+def _larger_tokenizer(path: Path) -> str:
+    """SafetyWorld's tokenizer of a world with twice the topics: more tokens than the tiny models' embeddings."""
+    from repo_lightning.safetyworld import World, WorldConfig
+
+    World(WorldConfig(**(TINY_WORLD | {"num_topics": 12}))).build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def _checkpoint(path: Path, state_dict: dict) -> str:
     """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
     import lightning
@@ -317,6 +325,19 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "sft",
         lambda t, e: [f"--data.tokenizer={t / 'tok'}"],
         "data.tokenizer: no tokenizer at '{tmp}/tok'",
+    ),
+    (
+        # another world's tokenizer: the reward stage trained on ids the start model was not trained with, silently
+        "tokenizer-larger-than-the-start-model",
+        "reward",
+        lambda t, e: [f"--data.tokenizer={_larger_tokenizer(t / 'tok')}"],
+        "data.tokenizer: '{tmp}/tok' has 213 tokens, but model.init_args.model_name_or_path (",
+    ),
+    (
+        "tokenizer-larger-than-the-actor",
+        "policy",
+        lambda t, e: [f"--data.tokenizer={_larger_tokenizer(t / 'tok')}"],
+        "data.tokenizer: '{tmp}/tok' has 213 tokens, but model.init_args.actor_path (",
     ),
     # --- data sources and rows
     (

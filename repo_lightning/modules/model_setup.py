@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from repo_lightning.models.lora import apply_lora
 from repo_lightning.models.sharding import enable_gradient_checkpointing, shard_models
 from repo_lightning.text.tokenizers import load_tokenizer
+from repo_lightning.validation import check_vocabulary
 
 
 def prepare_trained_model(device_mesh, model: PreTrainedModel, hp: Mapping) -> PreTrainedModel:
@@ -51,5 +52,8 @@ def build_stage_model(
         hp["dtype"],
         hp["trust_remote_code"],
         hp["attn_implementation"],
+    )
+    check_vocabulary(
+        "model.init_args.model_name_or_path", hp["model_name_or_path"], model, tokenizer, hp["tokenizer_path"]
     )
     return tokenizer, prepare_trained_model(device_mesh, model, hp)

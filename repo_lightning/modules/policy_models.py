@@ -25,6 +25,7 @@ from repo_lightning.models.scorer import Scorer, same_tokenizer
 from repo_lightning.modules.model_setup import prepare_trained_model
 from repo_lightning.modules.policy_config import Memory, Scoring
 from repo_lightning.text.tokenizers import load_tokenizer
+from repo_lightning.validation import check_vocabulary
 
 #: Attribute names of the frozen models on the LightningModule (left out of checkpoints).
 FROZEN = ("ref_model", "reward_model", "cost_model", "reward_members", "cost_members")
@@ -154,7 +155,9 @@ def load_policy_models(
             append_score_head(model, shared_head)  # before LoRA, so the adapters' head is the two-output one
         return trained(model)
 
-    actor = trained(load_causal_lm(tokenizer, sources.actor_path, **common))
+    actor = load_causal_lm(tokenizer, sources.actor_path, **common)
+    check_vocabulary("model.init_args.actor_path", sources.actor_path, actor, tokenizer, sources.tokenizer_path)
+    actor = trained(actor)
     ref_model = frozen(load_causal_lm(tokenizer, sources.actor_path, **common))
     reward_scorer = scorer(sources.reward_model_path, sources.reward_template)
     cost_scorer = None
