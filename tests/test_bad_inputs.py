@@ -141,6 +141,17 @@ def _larger_tokenizer(path: Path) -> str:
     return str(path)
 
 
+def _score_model_with_larger_tokenizer(path: Path) -> str:
+    """A tiny reward model saved with (and sized for) :func:`_larger_tokenizer`'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from repo_lightning.models.backbone import load_score_model
+
+    tokenizer = AutoTokenizer.from_pretrained(_larger_tokenizer(path))
+    load_score_model(tokenizer, model_config=dict(TINY_MODEL)).save_pretrained(path)
+    return str(path)
+
+
 def _checkpoint(path: Path, state_dict: dict) -> str:
     """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
     import lightning
@@ -338,6 +349,15 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "policy",
         lambda t, e: [f"--data.tokenizer={_larger_tokenizer(t / 'tok')}"],
         "data.tokenizer: '{tmp}/tok' has 213 tokens, but model.init_args.actor_path (",
+    ),
+    (
+        # a score model with its own tokenizer is allowed (it re-tokenises), but a critic cannot start from it: was a
+        # ValueError traceback naming the key as "critic_init" and "model.critic_init"
+        "critic-from-a-reward-model-with-another-tokenizer",
+        "policy",
+        lambda t, e: [f"--model.init_args.reward_model_path={_score_model_with_larger_tokenizer(t / 'reward')}"],
+        "model.init_args.critic_init: score_model starts the critics from '{tmp}/reward', whose tokenizer is not the "
+        "policy's",
     ),
     # --- data sources and rows
     (

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from repo_lightning.errors import ConfigError
 from repo_lightning.models.backbone import (
     append_score_head,
     disable_dropout,
@@ -145,9 +146,9 @@ def load_policy_models(
         if sources.critic_init == "actor":
             model = load_score_model(tokenizer, sources.actor_path, **common)
         elif not same_tokenizer(score.tokenizer, tokenizer):
-            raise ValueError(
-                f"critic_init: score_model needs {path!r} to share the policy's tokenizer; it does not. "
-                "Set model.critic_init: actor"
+            raise ConfigError(
+                f"model.init_args.critic_init: score_model starts the critics from {path!r}, whose tokenizer is not "
+                f"the policy's ({sources.tokenizer_path!r}); set model.init_args.critic_init: actor"
             )
         else:
             model = load_score_model(tokenizer, path, **common)
