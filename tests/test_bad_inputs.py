@@ -152,6 +152,14 @@ def _score_model_with_larger_tokenizer(path: Path) -> str:
     return str(path)
 
 
+def _truncated_weights(source: str, target: Path) -> str:
+    """A copy of a model folder whose ``model.safetensors`` is cut in half (an interrupted copy or download)."""
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(target)
+
+
 def _checkpoint(path: Path, state_dict: dict) -> str:
     """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
     import lightning
@@ -267,6 +275,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "policy",
         lambda t, e: [f"--model.init_args.actor_path={t}"],
         "model.init_args.actor_path: no model at '{tmp}' (expected a folder written by save_pretrained",
+    ),
+    (
+        # was a SafetensorError traceback ("incomplete metadata, file not fully covered"), with the run folder left
+        "truncated-weights",
+        "reward",
+        lambda t, e: [f"--model.init_args.model_name_or_path={_truncated_weights(e['sft'], t / 'sft')}"],
+        "could not load a model from '{tmp}/sft' (local folder): expected a folder written by save_pretrained",
     ),
     (
         "missing-start-model",

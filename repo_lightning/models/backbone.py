@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -85,7 +86,7 @@ def _check_source(model_name_or_path: str | None, model_config: dict | None) -> 
 def _from_pretrained(auto_cls, name_or_path: str, **kwargs):
     try:
         return auto_cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weights file
         where = "local folder" if os.path.sep in name_or_path or name_or_path.startswith(".") else "hub name"
         raise MissingInputError(
             f"could not load a model from {name_or_path!r} ({where}): expected a folder written by "
