@@ -18,6 +18,8 @@ here, at the entry point (:func:`repo_lightning.console.silence_known_noise`); `
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
 import re
 import shutil
@@ -188,7 +190,8 @@ def _parser_message(message: str) -> str:
             if match[2]:
                 details.append(match[2])
         elif match := re.match(r"Problem with given class_path '([^']+)':\s*(.*)", line):
-            keys.append("init_args")
+            if not _is_dataclass_path(match[1]):  # a settings group (estimation, update, ...) has no init_args
+                keys.append("init_args")
             if match[2]:
                 details.append(match[2])
         else:
@@ -198,6 +201,15 @@ def _parser_message(message: str) -> str:
     if text.startswith("unrecognized arguments"):
         text += " (see --help for the accepted keys)"
     return f"{'.'.join(keys)}: {text}" if keys else text
+
+
+def _is_dataclass_path(class_path: str) -> bool:
+    """Whether ``class_path`` (``repo_lightning.modules.policy_config.Estimation``) names a dataclass."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name, None))
+    except ImportError:
+        return False
 
 
 def main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:

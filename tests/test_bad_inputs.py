@@ -190,6 +190,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
     ),
     ("bad-choice", "sft", lambda t, e: ["--data.mode", "rl"], "data.mode: Expected a typing.Literal"),
     ("bad-type", "sft", lambda t, e: ["--model.init_args.warmup_steps", "abc"], "model.init_args.warmup_steps:"),
+    (
+        # a settings group is a dataclass: its keys have no init_args (was "estimation.init_args.kl_coef")
+        "bad-type-in-a-settings-group",
+        "policy",
+        lambda t, e: ["--model.init_args.estimation.kl_coef=abc"],
+        "error: model.init_args.estimation.kl_coef: Expected a <class 'float'>. Got value: abc",
+    ),
     # --- numeric ranges, in the config's key names
     (
         "sft-negative-lr",
