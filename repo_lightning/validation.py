@@ -166,8 +166,16 @@ def export_dir_refusal(folder: Path) -> str | None:
 
 
 def check_tokenizer_path(key: str, path: str | None) -> None:
-    """A tokenizer given as a local folder must exist."""
-    if path is not None and looks_local(path) and not Path(os.path.expanduser(path)).is_dir():
+    """A tokenizer given as a local folder must exist, and be a folder (not its ``tokenizer.json``)."""
+    if path is None or not looks_local(path):
+        return
+    folder = Path(os.path.expanduser(path))
+    if folder.is_file():
+        raise ConfigError(
+            f"{key}: {path!r} is a file; expected the folder that holds it, as written by save_pretrained "
+            f"({str(folder.parent)!r}?)"
+        )
+    if not folder.is_dir():
         raise MissingInputError(f"{key}: no tokenizer at {path!r} (no such folder)")
 
 

@@ -381,6 +381,14 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "model.init_args.critic_init: score_model starts the critics from '{tmp}/reward', whose tokenizer is not the "
         "policy's",
     ),
+    (
+        # was "no tokenizer at '.../tokenizer.json' (no such folder)", though the file is there
+        "tokenizer-is-a-file",
+        "sft",
+        lambda t, e: [f"--data.tokenizer={shutil.copy(Path(e['tokenizer']) / 'tokenizer.json', t)}"],
+        "data.tokenizer: '{tmp}/tokenizer.json' is a file; expected the folder that holds it, as written by "
+        "save_pretrained ('{tmp}'?)",
+    ),
     # --- data sources and rows
     (
         "misspelt-dataset",
