@@ -397,6 +397,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "data.dataset: 'safetywrold' is not a file, folder or the built-in dataset; did you mean 'safetyworld'?",
     ),
     (
+        # was "could not load dataset ... (Couldn't find any data file at .../train.csv.)", for a file that exists
+        "csv-file",
+        "sft",
+        lambda t, e: [f"--data.dataset={_write(t / 'train.csv', 'prompt,response')}"],
+        "data.dataset: '{tmp}/train.csv' is a .csv file; expected a .json/.jsonl/.parquet file, a dataset folder or",
+    ),
+    (
         "missing-data-file",
         "sft",
         lambda t, e: [f"--data.dataset={t / 'train.jsonl'}"],

@@ -128,6 +128,11 @@ def check_source(key: str, dataset: str) -> None:
         ConfigError: a misspelt ``safetyworld``.
     """
     path = Path(dataset)
+    if path.is_file() and path.suffix not in LOCAL_SUFFIXES:  # datasets' own message: "Couldn't find any data file"
+        raise ConfigError(
+            f"{key}: {dataset!r} is a {path.suffix or 'suffix-less'} file; expected a {'/'.join(LOCAL_SUFFIXES)} "
+            "file, a dataset folder or a Hugging Face hub name"
+        )
     if dataset == SAFETYWORLD or path.exists():
         return
     if path.suffix in LOCAL_SUFFIXES:
