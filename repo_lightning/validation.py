@@ -206,6 +206,42 @@ def check_vocabulary(key: str, path: str | None, model, tokenizer, tokenizer_pat
         )
 
 
+_LM_HEADS = ("ForCausalLM", "LMHeadModel")
+_SCORE_HEADS = ("ForSequenceClassification", "ForScore")
+
+
+def check_model_kind(key: str, path: str | None, model, kind: str) -> None:
+    """A saved model given where the other kind is expected: the SFT export as a reward model, or the reverse.
+
+    ``from_pretrained`` loads either one as the other without an error, with the missing head (a score head, or the
+    language-model head) at random weights, so the policy would train against a random reward, or start from a
+    random policy. ``config.architectures`` (what the folder was saved as) tells them apart; a folder without it,
+    or of an architecture known as neither, passes.
+
+    Args:
+        key: The model's setting (``model.init_args.reward_model_path``).
+        path: Its folder or hub name.
+        model: The loaded model (its config keeps the saved ``architectures``).
+        kind: ``causal_lm`` (the actor) or ``score`` (a reward or cost model).
+
+    Raises:
+        ConfigError: ``<key>: '...' holds a LlamaForCausalLM (a language model), not a score model; ...``.
+    """
+    saved = list(getattr(model.config, "architectures", None) or [])
+    is_lm = any(a.endswith(_LM_HEADS) for a in saved)
+    is_score = any(a.endswith(_SCORE_HEADS) for a in saved)
+    if kind == "score" and is_lm and not is_score:
+        raise ConfigError(
+            f"{key}: {path!r} holds a {saved[0]} (a language model), not a score model (*ForSequenceClassification): "
+            "its score head would be random weights; give the reward or cost stage's export"
+        )
+    if kind == "causal_lm" and is_score and not is_lm:
+        raise ConfigError(
+            f"{key}: {path!r} holds a {saved[0]} (a score model), not a causal language model: its language-model "
+            "head would be random weights; give the SFT stage's export"
+        )
+
+
 def validate_stage_args(
     optimizer: Callable, warmup_steps: int, regularization: float = 0.0, oracle_margin: float = 0.0
 ) -> None:

@@ -177,7 +177,7 @@ def _truncated_checkpoint(path: Path) -> str:
 
 
 # Each case: (id, stage, setup(tmp, exports) -> extra CLI args, the fragment the one error line must contain).
-# ``{tmp}`` in the fragment is replaced by the case's data folder.
+# ``{tmp}`` in the fragment is replaced by the case's data folder, ``{sft}``, ``{reward}``, ... by the tiny exports.
 Setup = Callable[[Path, dict], list[str]]
 CASES: list[tuple[str, str, Setup, str]] = [
     # --- the parser: unknown keys, wrong types and choices
@@ -389,6 +389,20 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "data.tokenizer: '{tmp}/tokenizer.json' is a file; expected the folder that holds it, as written by "
         "save_pretrained ('{tmp}'?)",
     ),
+    (
+        # from_pretrained loads the SFT export as a score model with a random head: the policy trained against a
+        # random reward, silently
+        "reward-model-that-is-the-sft-export",
+        "policy",
+        lambda t, e: [f"--model.init_args.reward_model_path={e['sft']}"],
+        "model.init_args.reward_model_path: '{sft}' holds a LlamaForCausalLM (a language model), not a score model",
+    ),
+    (
+        "actor-that-is-the-cost-export",
+        "policy",
+        lambda t, e: [f"--model.init_args.actor_path={e['cost']}"],
+        "model.init_args.actor_path: '{cost}' holds a LlamaForSequenceClassification (a score model), not a causal",
+    ),
     # --- data sources and rows
     (
         "misspelt-dataset",
@@ -581,7 +595,9 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, tiny_exports, cap
     capsys.readouterr()
     _run(tmp_path, stage, tiny_exports, extra)
     line = _one_error_line(capsys)
-    assert fragment.replace("{tmp}", str(data)) in line, line
+    for name, path in (tiny_exports | {"tmp": data}).items():
+        fragment = fragment.replace(f"{{{name}}}", str(path))
+    assert fragment in line, line
 
 
 def test_an_export_dir_holding_other_files_is_left_untouched(tmp_path, tiny_exports, capsys):

@@ -26,7 +26,7 @@ from repo_lightning.models.scorer import Scorer, same_tokenizer
 from repo_lightning.modules.model_setup import prepare_trained_model
 from repo_lightning.modules.policy_config import Memory, Scoring
 from repo_lightning.text.tokenizers import load_tokenizer
-from repo_lightning.validation import check_vocabulary
+from repo_lightning.validation import check_model_kind, check_vocabulary
 
 #: Attribute names of the frozen models on the LightningModule (left out of checkpoints).
 FROZEN = ("ref_model", "reward_model", "cost_model", "reward_members", "cost_members")
@@ -136,9 +136,11 @@ def load_policy_models(
             shard_frozen(model)
         return model
 
-    def scorer(path: str, template: str, aggregate: str = "mean") -> Scorer:
+    def scorer(key: str, path: str, template: str, aggregate: str = "mean") -> Scorer:
         score_tokenizer = load_tokenizer(path, sources.trust_remote_code)
-        model = frozen(load_score_model(score_tokenizer, path, **common, num_labels=None))  # every head
+        model = load_score_model(score_tokenizer, path, **common, num_labels=None)  # every head
+        check_model_kind(f"model.init_args.{key}", path, model, "score")
+        frozen(model)
         reuse = same_tokenizer(score_tokenizer, tokenizer) and template == sources.policy_template
         return Scorer(model, score_tokenizer, template, reuse, aggregate=aggregate, kappa=scoring.cost_kappa)
 
@@ -158,17 +160,22 @@ def load_policy_models(
 
     actor = load_causal_lm(tokenizer, sources.actor_path, **common)
     check_vocabulary("model.init_args.actor_path", sources.actor_path, actor, tokenizer, sources.tokenizer_path)
+    check_model_kind("model.init_args.actor_path", sources.actor_path, actor, "causal_lm")
     actor = trained(actor)
     ref_model = frozen(load_causal_lm(tokenizer, sources.actor_path, **common))
-    reward_scorer = scorer(sources.reward_model_path, sources.reward_template)
+    reward_scorer = scorer("reward_model_path", sources.reward_model_path, sources.reward_template)
     cost_scorer = None
     if sources.cost_model_path is not None:
-        cost_scorer = scorer(sources.cost_model_path, sources.cost_template, scoring.cost_aggregate)
-    reward_members = [scorer(path, sources.reward_template) for path in sources.reward_ensemble_paths]
+        cost_scorer = scorer("cost_model_path", sources.cost_model_path, sources.cost_template, scoring.cost_aggregate)
+    reward_members = [
+        scorer(f"reward_ensemble_paths[{i}]", path, sources.reward_template)
+        for i, path in enumerate(sources.reward_ensemble_paths)
+    ]
     cost_members = []
     if cost_scorer is not None:
         cost_members = [
-            scorer(path, sources.cost_template, scoring.cost_aggregate) for path in sources.cost_ensemble_paths
+            scorer(f"cost_ensemble_paths[{i}]", path, sources.cost_template, scoring.cost_aggregate)
+            for i, path in enumerate(sources.cost_ensemble_paths)
         ]
     reward_critic = cost_critic = None
     shared = with_critics and with_cost and sources.critics == "shared"
