@@ -7,6 +7,7 @@ run before any folder is written. NaN fails every range check (``not nan > 0``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import zipfile
@@ -105,6 +106,13 @@ def check_model_path(key: str, path: str | None) -> None:
         raise MissingInputError(
             f"{key}: no model at {path!r} (expected a folder written by save_pretrained, with a config.json)"
         )
+    try:
+        json.loads((folder / "config.json").read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MissingInputError(
+            f"{key}: {str(folder / 'config.json')!r} is not valid JSON ({err}); a truncated or hand-edited export? "
+            "write the folder again with save_pretrained"
+        ) from err
 
 
 def _check_offline_hub_model(key: str, name: str) -> None:

@@ -291,6 +291,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "could not load a model from '{tmp}/sft' (local folder): expected a folder written by save_pretrained",
     ),
     (
+        # was "could not load a model from '...' (local folder): ..." without the key
+        "config-json-not-json",
+        "policy",
+        lambda t, e: [f"--model.init_args.cost_model_path={Path(_write(t / 'config.json', '{not json')).parent}"],
+        "model.init_args.cost_model_path: '{tmp}/config.json' is not valid JSON (Expecting property name",
+    ),
+    (
         "missing-start-model",
         "reward",
         lambda t, e: [f"--model.init_args.model_name_or_path={t / 'sft'}"],
