@@ -270,6 +270,25 @@ CASES: list[tuple[str, str, Setup, str]] = [
         lambda t, e: ["--model.init_args.sampling.samples_per_prompt=0"],
         "model.init_args.sampling.samples_per_prompt must be >= 1",
     ),
+    (
+        # was a ValueError traceback (jsonargparse's "Does not validate against any of the Union subtypes")
+        "policy-group-estimator-with-one-sample",
+        "policy",
+        lambda t, e: [
+            "--model.init_args.estimation.estimator=rloo",
+            "--model.init_args.sampling.samples_per_prompt=1",
+        ],
+        "model.init_args.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt",
+    ),
+    (
+        "policy-cost-objective-without-cost-model",
+        "policy",
+        lambda t, e: [
+            "--model.init_args.objective=repo_lightning.objectives.PPOLagrangian",
+            "--model.init_args.cost_model_path=null",
+        ],
+        "model.init_args.cost_model_path is required for objective 'ppo_lag'",
+    ),
     # --- paths, named by their key
     (
         "missing-reward-model",

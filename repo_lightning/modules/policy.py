@@ -132,7 +132,7 @@ class PolicyModule(L.LightningModule):
         self.memory = as_group(Memory, memory)
         self.scoring = as_group(Scoring, scoring)
         if self.objective.uses_cost and cost_model_path is None:
-            raise ValueError(f"model.cost_model_path is required for objective {self.objective.name!r}")
+            raise ConfigError(f"model.init_args.cost_model_path is required for objective {self.objective.name!r}")
         if cost_ensemble_paths and cost_model_path is None:
             raise ConfigError(
                 "model.init_args.cost_ensemble_paths needs model.init_args.cost_model_path (the first member)"
@@ -141,8 +141,8 @@ class PolicyModule(L.LightningModule):
         if k < 2 and (
             self.estimation.estimator in ("rloo", "grpo") or getattr(self.objective, "rectify", None) == "prompt"
         ):
-            raise ValueError(
-                "model.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt "
+            raise ConfigError(
+                "model.init_args.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt "
                 f"(they compare the k samples of a prompt), got {k}"
             )
         if critics not in ("separate", "shared"):
@@ -179,7 +179,7 @@ class PolicyModule(L.LightningModule):
         hp = self.hparams
         for name in ("actor_path", "reward_model_path", "tokenizer_path"):
             if hp[name] is None:
-                raise ValueError(f"model.{name} is not set")
+                raise ConfigError(f"model.init_args.{name} is not set")
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         sources = PolicySources(
             hp.actor_path,
