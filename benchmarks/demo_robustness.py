@@ -46,6 +46,7 @@ def run_pipeline(
     reward_ensemble: int = 1,
     world: list[str] = (),
     resume: bool = False,
+    cost_ensemble: int = 1,
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -63,6 +64,8 @@ def run_pipeline(
         command.append("--oracle-scores")
     if reward_ensemble > 1:
         command += ["--reward-ensemble", str(reward_ensemble)]
+    if cost_ensemble > 1:
+        command += ["--cost-ensemble", str(cost_ensemble)]
     if world:
         command += ["--world", *world]
     if resume:
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "--reward-ensemble", type=int, default=1, help="passed to the pipeline (docs/algorithm.md 14; default 1)"
     )
     parser.add_argument(
+        "--cost-ensemble", type=int, default=1, help="passed to the pipeline (docs/algorithm.md 14; default 1)"
+    )
+    parser.add_argument(
         "--world",
         nargs="+",
         default=[],
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.reward_ensemble,
                 args.world,
                 args.resume,
+                args.cost_ensemble,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -113,6 +113,9 @@ class Pipeline:
         reward_ensemble: Reward models the final policies score with: 1 (the default), or the ``reward`` export
             plus ``reward_ensemble - 1`` members, each trained like it from its own SFT start (another seed),
             combined as ``mean - std`` of the aligned scores (``scoring.reward_aggregate: mean_minus_std``).
+        cost_ensemble: Cost models the final policies score with: 1 (the default), or the ``cost`` export plus
+            ``cost_ensemble - 1`` members, each trained like it from its own SFT start (the same starts as the
+            reward members'), combined as the worst case, the largest cost (``scoring.cost_aggregate: max``).
         resume: Skip the stages an earlier run in ``root`` finished with the same arguments and configs, up to the
             first one it did not (see :meth:`_run`); that one and every later one run again.
     """
@@ -127,10 +130,14 @@ class Pipeline:
         planned_stages: int = 0,
         reward_ensemble: int = 1,
         resume: bool = False,
+        cost_ensemble: int = 1,
     ) -> None:
         if reward_ensemble < 1:
             raise ValueError(f"reward_ensemble must be >= 1, got {reward_ensemble}")
+        if cost_ensemble < 1:
+            raise ValueError(f"cost_ensemble must be >= 1, got {cost_ensemble}")
         self.reward_ensemble = reward_ensemble
+        self.cost_ensemble = cost_ensemble
         self.root = Path(root)
         self.config_dir = Path(config_dir)
         self.seed = seed
@@ -269,27 +276,31 @@ class Pipeline:
             self.train_score_models(test=False, tag=f"round{round_index}_", extra_train_files=files)
             files.append(self.collect_preferences(round_index, algorithms))
         self.train_score_models(test=test, extra_train_files=files)
-        self.train_reward_members(files)
+        self.train_members(files)
         return files
 
     def member_seed(self, member: int) -> int:
-        """Seed of reward-ensemble member ``member >= 1`` (its SFT start and its reward model)."""
+        """Seed of ensemble member ``member >= 1`` (its SFT start and its reward and cost models)."""
         return self.seed + 1000 * member
 
     def reward_member_exports(self) -> list[str]:
         """Export folders of the reward-ensemble members (``reward_m1``, ...; none without an ensemble)."""
         return [self.export(f"reward_m{i}") for i in range(1, self.reward_ensemble)]
 
-    def train_reward_members(self, extra_train_files: list[Path] = ()) -> None:
-        """The reward-ensemble members: each an SFT start from its own seed and a reward model trained on it.
+    def cost_member_exports(self) -> list[str]:
+        """Export folders of the cost-ensemble members (``cost_m1``, ...; none without an ensemble)."""
+        return [self.export(f"cost_m{i}") for i in range(1, self.cost_ensemble)]
 
-        Each reward model trains on the final round's data (exports ``sft_m<i>``, ``reward_m<i>``). Members from one
-        SFT start agree on the answers a policy learns to exploit; members from different starts disagree
-        (docs/results.md round 5).
+    def train_members(self, extra_train_files: list[Path] = ()) -> None:
+        """The ensemble members: each an SFT start from its own seed, and a reward and/or cost model trained on it.
+
+        Member ``i`` (exports ``sft_m<i>``, ``reward_m<i>`` for ``i < reward_ensemble``, ``cost_m<i>`` for
+        ``i < cost_ensemble``) trains on the final round's data. Members from one SFT start agree on the answers a
+        policy learns to exploit; members from different starts disagree (docs/results.md rounds 5 and 10).
         """
-        for member in range(1, self.reward_ensemble):
+        for member in range(1, max(self.reward_ensemble, self.cost_ensemble)):
             seed = f"--seed_everything={self.member_seed(member)}"
-            sft, reward = f"sft_m{member}", f"reward_m{member}"
+            sft = f"sft_m{member}"
             config = str(self.config_dir / "sft.yaml")
             args = [
                 "--config",
@@ -299,9 +310,11 @@ class Pipeline:
                 f"--model.init_args.export_dir={self.export(sft)}",
             ]
             self._run(f"fit_{sft}", ["fit", *args])
-            self._run(
-                f"fit_{reward}", ["fit", *self._score_stage_args("reward", reward, sft, extra_train_files, [seed])]
-            )
+            for stage, size in (("reward", self.reward_ensemble), ("cost", self.cost_ensemble)):
+                if member < size:
+                    name = f"{stage}_m{member}"
+                    stage_args = self._score_stage_args(stage, name, sft, extra_train_files, [seed])
+                    self._run(f"fit_{name}", ["fit", *stage_args])
 
     def _score_stage_args(
         self, stage: str, name: str, start: str, extra_train_files: list[Path] = (), extra: list[str] = ()
@@ -340,13 +353,18 @@ class Pipeline:
         ]
 
     def _ensemble_args(self) -> list[str]:
-        members = self.reward_member_exports()
-        if not members:
-            return []
-        return [
-            f"--model.init_args.reward_ensemble_paths={json.dumps(members)}",
-            "--model.init_args.scoring.reward_aggregate=mean_minus_std",
-        ]
+        args = []
+        if members := self.reward_member_exports():
+            args += [
+                f"--model.init_args.reward_ensemble_paths={json.dumps(members)}",
+                "--model.init_args.scoring.reward_aggregate=mean_minus_std",
+            ]
+        if members := self.cost_member_exports():
+            args += [
+                f"--model.init_args.cost_ensemble_paths={json.dumps(members)}",
+                "--model.init_args.scoring.cost_aggregate=max",
+            ]
+        return args
 
     def evaluate_start(self) -> Path:
         """Evaluate the SFT policy itself (the starting point), with the RePO config's evaluation settings."""
@@ -411,7 +429,8 @@ class Pipeline:
         """
         default = asdict(WorldConfig())
         changed = {k: v for k, v in asdict(self.world().config).items() if v != default[k]}
-        return write_summary(self.root, evaluations, self.timings, self.score_model_tests(), changed)
+        ensembles = {"reward": self.reward_ensemble, "cost": self.cost_ensemble}
+        return write_summary(self.root, evaluations, self.timings, self.score_model_tests(), changed, ensembles)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         "(docs/algorithm.md section 14)",
     )
     parser.add_argument(
+        "--cost-ensemble",
+        type=int,
+        default=1,
+        help="cost models the final policies score with (default: %(default)s); each member after the first is "
+        "trained from its own SFT start (another seed; the same starts as --reward-ensemble's), and the policies "
+        "use the worst case, the largest of their costs (docs/algorithm.md section 14)",
+    )
+    parser.add_argument(
         "--world",
         nargs="+",
         default=[],
@@ -82,11 +90,13 @@ def main(argv: list[str] | None = None) -> None:
         world_from_overrides(args.world)
     except ValueError as error:
         parser.error(f"--world: {error}")
-    if args.reward_ensemble < 1:
-        parser.error(f"--reward-ensemble must be >= 1, got {args.reward_ensemble}")
-    top_seed = args.seed + 1000 * (args.reward_ensemble - 1)  # the last ensemble member's (Pipeline.member_seed)
+    for flag, size in (("--reward-ensemble", args.reward_ensemble), ("--cost-ensemble", args.cost_ensemble)):
+        if size < 1:
+            parser.error(f"{flag} must be >= 1, got {size}")
+    members = max(args.reward_ensemble, args.cost_ensemble) - 1
+    top_seed = args.seed + 1000 * members  # the last ensemble member's (Pipeline.member_seed)
     if args.seed < 0 or top_seed > MAX_SEED:
-        parser.error(f"--seed must be in [0, {MAX_SEED - 1000 * (args.reward_ensemble - 1)}], got {args.seed}")
+        parser.error(f"--seed must be in [0, {MAX_SEED - 1000 * members}], got {args.seed}")
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
     if not Path(args.config_dir).is_dir():
@@ -103,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     silence_known_noise()
     start = time.perf_counter()
     per_round = 2 + 2 * len(args.algorithms)  # reward, cost, then fit and sample each collector
-    planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + 2 * (args.reward_ensemble - 1)
+    # each ensemble member: its SFT start, then its reward and/or cost model
+    member_stages = members + (args.reward_ensemble - 1) + (args.cost_ensemble - 1)
+    planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + member_stages
     extra = {"world": [f"--data.world.{item}" for item in args.world]}
     if args.oracle_scores:
         extra["policy"] = ORACLE_SCORE_ARGS
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         planned_stages=planned,
         reward_ensemble=args.reward_ensemble,
         resume=args.resume,
+        cost_ensemble=args.cost_ensemble,
     )
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:

@@ -53,6 +53,7 @@ def write_summary(
     timings: dict[str, float],
     scorers: dict[str, dict[str, float]],
     world: dict[str, object] | None = None,
+    ensembles: dict[str, int] | None = None,
 ) -> str:
     """Side-by-side table of the evaluations, written with the wall times to ``summary.md`` and ``summary.json``.
 
@@ -62,6 +63,7 @@ def write_summary(
         timings: Wall time of each stage, by name.
         scorers: :func:`read_score_model_tests` of the final models.
         world: The SafetyWorld's fields that differ from the defaults (``--world``); ``None`` or empty: the default.
+        ensembles: Models the policies scored with, ``{"reward": n, "cost": m}`` (``None``: one of each).
 
     Returns:
         ``summary.md`` without its wall-time section (the stage lines already showed the times).
@@ -79,12 +81,28 @@ def write_summary(
     timing = "\n".join(f"- {name}: {seconds:.1f} s" for name, seconds in timings.items())
     reports = "\n".join(f"- {name}: {path / 'report.md'}" for name, path in evaluations.items())
     described = " ".join(f"{k}={v}" for k, v in (world or {}).items()) or "the default one"
+    ensembles = ensembles or {"reward": 1, "cost": 1}
+    scored = ""
+    if ensembles["reward"] > 1 or ensembles["cost"] > 1:
+        scored = (
+            f" The policies scored with {ensembles['reward']} reward model(s) (mean - std) and {ensembles['cost']} "
+            "cost model(s) (the largest cost)."
+        )
     text = (
         "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
-        f"are the learned models' judgement. SafetyWorld: {described}.\n\n{table}\n\n## Reports\n{reports}\n"
+        f"are the learned models' judgement. SafetyWorld: {described}.{scored}\n\n{table}\n\n## Reports\n{reports}\n"
     )
     (root / "summary.md").write_text(f"{text}\n## Wall time\n{timing}\n")
     (root / "summary.json").write_text(
-        json.dumps({"metrics": metrics, "score_models": scorers, "timings": timings, "world": world or {}}, indent=2)
+        json.dumps(
+            {
+                "metrics": metrics,
+                "score_models": scorers,
+                "timings": timings,
+                "world": world or {},
+                "ensembles": ensembles,
+            },
+            indent=2,
+        )
     )
     return text

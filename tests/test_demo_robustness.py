@@ -58,3 +58,5 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert commands[2][-3:] == ["--world", "seed=1", "num_topics=30"] and "--world" not in commands[0]
     robustness.run_pipeline(tmp_path / "d", 1, 2, "configs/demo", resume=True)
     assert commands[3][-1] == "--resume" and "--resume" not in commands[2]
+    robustness.run_pipeline(tmp_path / "e", 1, 2, "configs/demo", cost_ensemble=3)
+    assert commands[4][-2:] == ["--cost-ensemble", "3"] and "--cost-ensemble" not in commands[3]

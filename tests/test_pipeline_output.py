@@ -302,6 +302,50 @@ def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, c
         assert f"reward_model_path={exports / 'reward'} " in command  # the first member, and the critic's start
 
 
+def test_cost_ensemble_trains_cost_members_beside_the_reward_members_on_shared_sft_starts(fake_stages, capsys):
+    argv = ["--root", str(fake_stages), "--algorithms", "repo", "--seed", "3", "--reward-ensemble", "2"]
+    pipeline_main([*argv, "--cost-ensemble", "3"])
+    stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    # member 1: its SFT start, a reward and a cost model; member 2: its SFT start and a cost model only
+    members = ["fit_sft_m1", "fit_reward_m1", "fit_cost_m1", "fit_sft_m2", "fit_cost_m2"]
+    names = [line.split()[1] for line in stage_lines]
+    assert names == [
+        "fit_sft",
+        "fit_reward",
+        "test_reward",
+        "fit_cost",
+        "test_cost",
+        *members,
+        "eval_sft",
+        "fit_repo",
+        "eval_repo",
+    ]
+    assert all(line.startswith(f"[{i}/13]") for i, line in enumerate(stage_lines, 1))
+    logs, exports = fake_stages / "logs", fake_stages / "exports"
+    cost = (logs / "fit_cost_m2.log").read_text().splitlines()[0]
+    assert "--seed_everything=2003" in cost and f"model_name_or_path={exports / 'sft_m2'}" in cost
+    assert "configs/demo/cost.yaml" in cost and f"export_dir={exports / 'cost_m2'}" in cost
+    for stage in ("fit_repo", "eval_repo", "eval_sft"):
+        command = (logs / f"{stage}.log").read_text().splitlines()[0]
+        assert f'cost_ensemble_paths=["{exports / "cost_m1"}", "{exports / "cost_m2"}"]' in command, stage
+        assert "scoring.cost_aggregate=max" in command
+        assert f'reward_ensemble_paths=["{exports / "reward_m1"}"]' in command
+        assert f"cost_model_path={exports / 'cost'} " in command  # the first member, and the cost critic's start
+    assert json.loads((fake_stages / "summary.json").read_text())["ensembles"] == {"reward": 2, "cost": 3}
+    assert (
+        "2 reward model(s) (mean - std) and 3 cost model(s) (the largest cost)"
+        in (fake_stages / "summary.md").read_text()
+    )
+
+
+def test_without_ensembles_the_policies_get_no_ensemble_arguments(fake_stages, capsys):
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "repo"])
+    command = (fake_stages / "logs" / "fit_repo.log").read_text().splitlines()[0]
+    assert "ensemble_paths" not in command and "aggregate" not in command
+    assert json.loads((fake_stages / "summary.json").read_text())["ensembles"] == {"reward": 1, "cost": 1}
+    assert "cost model(s)" not in (fake_stages / "summary.md").read_text()
+
+
 def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_before_any_stage_runs(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -313,6 +357,8 @@ def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_befo
         (["--root", str(tmp_path / "run"), "--world", "mild_frac=2"], "--world: "),
         # the last reward-ensemble member trains with seed + 2000, which must still be a valid seed
         (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--reward-ensemble", "3"], "--seed must be in"),
+        (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--cost-ensemble", "3"], "--seed must be in"),
+        (["--root", str(tmp_path / "run"), "--cost-ensemble", "0"], "--cost-ensemble must be >= 1, got 0"),
     )
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
