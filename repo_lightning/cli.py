@@ -42,6 +42,7 @@ from repo_lightning.validation import (
     check_model_path,
     check_non_negative,
     check_seed,
+    check_writable_dir,
 )
 
 DEBUG_ENV = "REPO_LIGHTNING_DEBUG"
@@ -107,9 +108,27 @@ class RLHFCLI(LightningCLI):
             raise ConfigError(
                 f"model.init_args.evaluation.report_dir: {report_dir!r} is a file; expected a folder for the report"
             )
+        self._check_output_dirs(stage)
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
         self._note_new_dirs()
+
+    def _check_output_dirs(self, stage: str) -> None:
+        """Every folder the run writes must be makeable, before it starts (not at the export after training)."""
+        trainer, hparams = self.trainer, self.model.hparams
+        if not trainer.loggers:  # else the loggers' folders (and the checkpoints' under them) are written instead
+            check_writable_dir("trainer.default_root_dir", trainer.default_root_dir)
+        for logger in trainer.loggers:
+            check_writable_dir("trainer.logger.init_args.save_dir", logger.save_dir)
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                check_writable_dir("trainer.callbacks: ModelCheckpoint's init_args.dirpath", callback.dirpath)
+        if stage == "fit":
+            check_writable_dir("model.init_args.export_dir", hparams.get("export_dir"))
+        if stage == "test":
+            check_writable_dir(
+                "model.init_args.evaluation.report_dir", (hparams.get("evaluation") or {}).get("report_dir")
+            )
 
     def before_fit(self) -> None:
         """Check inputs before ``fit``."""

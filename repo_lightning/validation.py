@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +172,31 @@ def export_dir_refusal(folder: Path) -> str | None:
         f"{str(folder)!r} holds files that are not a model export ({shown}); an export replaces its folder as a "
         "whole, so it refuses one that is not empty and has no config.json; choose a new or empty folder"
     )
+
+
+def check_writable_dir(key: str, path: str | os.PathLike | None) -> None:
+    """A folder the run writes (made if missing) must be makeable: its nearest existing ancestor a writable folder.
+
+    Checked before the run, so a read-only or mistyped output folder stops it with one line instead of an
+    ``OSError`` traceback, for an export or report folder after the whole training or evaluation. The check makes
+    and removes an empty folder in that ancestor (file modes alone miss read-only mounts and do not bind root).
+
+    Raises:
+        ConfigError: ``<key>: cannot write '<path>': '<ancestor>' is a file`` or ``... is not writable (...)``.
+    """
+    if path is None or "://" in str(path):  # remote storage (s3://, ...) is left to its library
+        return
+    ancestor = Path(os.path.expanduser(str(path))).absolute()
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}: cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".repo_lightning-write-check-", dir=ancestor))
+    except OSError as err:
+        raise ConfigError(
+            f"{key}: cannot write {str(path)!r}: no folder can be made in {str(ancestor)!r} ({err.strerror or err})"
+        ) from err
 
 
 def check_tokenizer_path(key: str, path: str | None) -> None:

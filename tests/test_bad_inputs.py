@@ -380,6 +380,25 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "is this stage's input (model.init_args.model_name_or_path); exporting there would replace it",
     ),
     (
+        # an output folder that cannot be made: was an OSError traceback, for export_dir after the whole training
+        "export-dir-under-a-file",
+        "sft",
+        lambda t, e: [f"--model.init_args.export_dir={_write(t / 'notes.txt', 'x')}/model"],
+        "model.init_args.export_dir: cannot write '{tmp}/notes.txt/model': '{tmp}/notes.txt' is a file, not a folder",
+    ),
+    (
+        "log-dir-under-a-file",
+        "reward",
+        lambda t, e: [f"--trainer.logger.init_args.save_dir={_write(t / 'notes.txt', 'x')}/logs"],
+        "trainer.logger.init_args.save_dir: cannot write '{tmp}/notes.txt/logs': '{tmp}/notes.txt' is a file",
+    ),
+    (
+        "cache-dir-under-a-file",
+        "sft",
+        lambda t, e: [f"--data.cache_dir={_write(t / 'notes.txt', 'x')}/cache", "--data.world.seed=123"],
+        "data.cache_dir: cannot write '{tmp}/notes.txt/cache': '{tmp}/notes.txt' is a file, not a folder",
+    ),
+    (
         "missing-tokenizer",
         "sft",
         lambda t, e: [f"--data.tokenizer={t / 'tok'}"],

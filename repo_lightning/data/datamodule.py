@@ -25,7 +25,7 @@ from repo_lightning.errors import ConfigError, DataError
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, check_template, encode_prompt, encode_response
 from repo_lightning.text.tokenizers import load_tokenizer
-from repo_lightning.validation import check_at_least, check_tokenizer_path
+from repo_lightning.validation import check_at_least, check_tokenizer_path, check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ class RLHFDataModule(L.LightningDataModule):
         self.world_cache = (
             SafetyWorldCache(world or WorldConfig(), cache_dir) if SAFETYWORLD in (dataset, test_dataset) else None
         )
+        if self.world_cache is not None and not (self.world_cache.root / "complete").exists():
+            check_writable_dir("data.cache_dir", cache_dir)
         if tokenizer is None:
             if self.world_cache is None:
                 raise ConfigError(f"data.tokenizer is required for dataset {dataset!r} (a hub name or folder)")
