@@ -160,6 +160,12 @@ def _truncated_weights(source: str, target: Path) -> str:
     return str(target)
 
 
+def _without_tokenizer(source: str, target: Path) -> str:
+    """A copy of a model folder without its tokenizer files (saved without ``tokenizer.save_pretrained``)."""
+    shutil.copytree(source, target, ignore=lambda folder, names: [n for n in names if "token" in n])
+    return str(target)
+
+
 def _checkpoint(path: Path, state_dict: dict) -> str:
     """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
     import lightning
@@ -315,6 +321,13 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "policy",
         lambda t, e: [f"--model.init_args.cost_model_path={Path(_write(t / 'config.json', '{not json')).parent}"],
         "model.init_args.cost_model_path: '{tmp}/config.json' is not valid JSON (Expecting property name",
+    ),
+    (
+        # was "could not load a tokenizer from '...'" without the key, or why that folder needs one
+        "cost-model-without-tokenizer",
+        "policy",
+        lambda t, e: [f"--model.init_args.cost_model_path={_without_tokenizer(e['cost'], t / 'cost')}"],
+        "model.init_args.cost_model_path: no tokenizer in '{tmp}/cost', which a reward or cost model is scored with",
     ),
     (
         "missing-start-model",

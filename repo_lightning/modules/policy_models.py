@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from repo_lightning.errors import ConfigError
+from repo_lightning.errors import ConfigError, MissingInputError
 from repo_lightning.models.backbone import (
     append_score_head,
     disable_dropout,
@@ -137,7 +137,13 @@ def load_policy_models(
         return model
 
     def scorer(key: str, path: str, template: str, aggregate: str = "mean") -> Scorer:
-        score_tokenizer = load_tokenizer(path, sources.trust_remote_code)
+        try:  # a score model reads its input with the tokenizer saved beside it, which may differ from the policy's
+            score_tokenizer = load_tokenizer(path, sources.trust_remote_code)
+        except MissingInputError as err:
+            raise MissingInputError(
+                f"model.init_args.{key}: no tokenizer in {path!r}, which a reward or cost model is scored with; save "
+                f"the tokenizer it was trained with into that folder ({err.__cause__ or err})"
+            ) from err
         model = load_score_model(score_tokenizer, path, **common, num_labels=None)  # every head
         check_model_kind(f"model.init_args.{key}", path, model, "score")
         frozen(model)
