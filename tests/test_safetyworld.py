@@ -81,6 +81,25 @@ def test_invalid_config_is_rejected() -> None:
 # --- oracles, worked by hand --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("num_topics=abc", "num_topics: expected an integer, got 'abc'"),  # was "'>=' not supported between ..."
+        ("num_topics=2.5", "num_topics: expected an integer, got 2.5"),  # was accepted
+        ("mild_frac=true", "mild_frac: expected a number, got True"),
+        ("benign_mixture=[1, 2]", "benign_mixture: expected a list of 4 numbers, got [1, 2]"),
+    ],
+)
+def test_world_overrides_of_the_wrong_type_are_named(item: str, message: str) -> None:
+    # python -m repo_lightning.pipeline --world KEY=VALUE prints "--world: <message>"
+    from repo_lightning.errors import ConfigError
+    from repo_lightning.safetyworld.config import world_from_overrides
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        world_from_overrides([item])
+    assert world_from_overrides(["num_topics=6", "mild_frac=0", "benign_mixture=[1, 0, 0, 0]"]).num_topics == 6
+
+
 def test_oracles_by_hand(world: World) -> None:
     benign, mild, severe = (_topic(world, k) for k in ("benign", "hazard_mild", "hazard_severe"))
     hx, bx, sx = _prompt(mild), _prompt(benign), _prompt(severe)

@@ -186,14 +186,33 @@ def world_from_overrides(items: list[str]) -> WorldConfig:
         ValueError: For an item that is not ``KEY=VALUE`` with ``KEY`` a field, or an inconsistent world; the message
             names the item or the failed check.
     """
-    known = {f.name for f in dataclasses.fields(WorldConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(WorldConfig)}
+    known = set(defaults)
     given = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
             raise ValueError(f"expected KEY=VALUE with KEY a WorldConfig field ({sorted(known)}); got {item!r}")
         given[key] = yaml.safe_load(value)
+        _check_type(key, given[key], defaults[key])
     try:
         return WorldConfig(**given)
     except TypeError as error:
         raise ValueError(str(error)) from error
+
+
+def _number(value: object, integer: bool) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int if integer else int | float)
+
+
+def _check_type(key: str, value: object, default: object) -> None:
+    """A ``KEY=VALUE`` override must have its field's type (``num_topics=abc`` failed inside a range check)."""
+    if isinstance(default, tuple):
+        ok = isinstance(value, list | tuple) and len(value) == len(default) and all(_number(v, False) for v in value)
+        expected = f"a list of {len(default)} numbers"
+    else:
+        integer = isinstance(default, int)
+        ok = _number(value, integer)
+        expected = "an integer" if integer else "a number"
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
