@@ -535,6 +535,16 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "{tmp}/train.jsonl: row 0: missing field 'prompt'",
     ),
     (
+        # was "missing field 'prompt' (...); map other column names with data.field_map", with the map already set
+        "field-map-to-a-missing-column",
+        "sft",
+        lambda t, e: [
+            f"--data.dataset={_jsonl(t / 'train.jsonl', [{'q': 'hi', 'response': 'ok'}])}",
+            "--data.field_map={prompt: question}",
+        ],
+        "{tmp}/train.jsonl: row 0: no column 'question', which data.field_map maps to 'prompt' (row has ['q', ",
+    ),
+    (
         "sft-on-preference-rows",
         "sft",
         lambda t, e: [f"--data.dataset={_jsonl(t / 'pairs.jsonl', [PREFERENCE_ROW])}"],

@@ -104,10 +104,19 @@ def validate_rows(
     """
     clean: list[dict] = []
     extras = ("topic", "kind")
+    needed = {"sft": ("prompt", "response"), "preference": PREFERENCE_FIELDS, "prompts": ("prompt",)}.get(mode, ())
+    if mode == "sft" and sft_response != "response":
+        needed = ("prompt", "response_0", "response_1", f"{sft_response}_response_id")
     for index, raw in enumerate(rows):
         if not isinstance(raw, Mapping):
             raise DataValidationError(f"{source}: row {index}: expected an object with named fields, got {raw!r}")
         row = apply_field_map(raw, field_map)
+        for name in needed:  # else "missing field 'prompt' ... map other column names with data.field_map"
+            if name not in row and name in (field_map or {}):
+                raise DataValidationError(
+                    f"{source}: row {index}: no column {field_map[name]!r}, which data.field_map maps to {name!r} "
+                    f"(row has {sorted(raw)})"
+                )
         out = {"prompt": _text(row, source, index, "prompt")}
         if mode == "sft":
             if sft_response == "response":
