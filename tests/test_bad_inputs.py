@@ -697,6 +697,21 @@ def test_export_pretrained_refuses_to_replace_a_folder_that_is_not_a_model(tmp_p
     assert (tmp_path / "model" / "config.json").is_file()
 
 
+def test_fast_dev_run_leaves_the_previous_export_alone(tmp_path, tiny_exports, caplog):
+    # a smoke test (`fit --config configs/demo/reward.yaml --trainer.fast_dev_run=true`) replaced the stage's trained
+    # export with a one-batch model
+    config = _config(tmp_path / "out", "reward", tiny_exports)
+    export = Path(config["model"]["init_args"]["export_dir"])
+    shutil.copytree(tiny_exports["reward"], export)
+    before = {path.name: path.read_bytes() for path in export.iterdir()}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level("WARNING", logger="repo_lightning.models.export"):
+        main(["fit", "--config", str(path), "--trainer.fast_dev_run=true"])
+    assert {path.name: path.read_bytes() for path in export.iterdir()} == before
+    assert f"fast_dev_run: the model is not exported to {export}" in caplog.text
+
+
 def test_enough_bad_inputs_are_covered():
     assert len(CASES) >= 30
 

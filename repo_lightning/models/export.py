@@ -8,6 +8,7 @@ half-written model where the next stage will look for one.
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -23,6 +24,8 @@ from repo_lightning.finite_guard import count_nonfinite, describe
 from repo_lightning.models.lora import lora_scalings, merge_lora_state_dict
 from repo_lightning.models.model_card import CARD_FILE, render_model_card
 from repo_lightning.validation import export_dir_refusal
+
+log = logging.getLogger(__name__)
 
 #: Final logged ``train/...`` figures put on the card (every ``val/...`` figure is).
 CARD_TRAIN_METRICS = ("train/loss", "train/accuracy", "train/lambda", "train/dual_statistic")
@@ -206,6 +209,10 @@ def export_from_trainer(
     Returns:
         The export folder on rank 0, ``None`` elsewhere.
     """
+    if trainer.fast_dev_run:  # a smoke test of a few batches must not replace the stage's real export
+        if trainer.is_global_zero:
+            log.warning("fast_dev_run: the model is not exported to %s", export_dir)
+        return None
     state = fsdp1_full_state_dict(trainer, model)
     if state is None:
         state = full_state_dict(model)
