@@ -30,17 +30,20 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from transformers import AutoConfig
 
 from repo_lightning.callbacks.stage_progress import StageProgress
 from repo_lightning.console import PROGRESS_ENV, silence_known_noise
 from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.errors import ConfigError, MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
+from repo_lightning.models.backbone import config_from_dict
 from repo_lightning.validation import (
     check_checkpoint_file,
     check_export_dir,
     check_model_path,
     check_non_negative,
+    check_position_limit,
     check_seed,
     check_writable_dir,
 )
@@ -111,6 +114,7 @@ class RLHFCLI(LightningCLI):
         self._check_output_dirs(stage)
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
+        self._check_positions()
         self._note_new_dirs()
 
     def _check_output_dirs(self, stage: str) -> None:
@@ -129,6 +133,29 @@ class RLHFCLI(LightningCLI):
             check_writable_dir(
                 "model.init_args.evaluation.report_dir", (hparams.get("evaluation") or {}).get("report_dir")
             )
+
+    def _check_positions(self) -> None:
+        """The longest input must fit the trained model's position embeddings (GPT-2, OPT: a learned one each)."""
+        hparams, data = self.model.hparams, self.datamodule
+        if hparams.get("actor_path"):  # the policy: the prompt plus the sampled response
+            key, source = "model.init_args.actor_path", hparams["actor_path"]
+            new_tokens = (hparams.get("sampling") or {}).get("max_new_tokens", 0)
+            length_key = "data.max_prompt_length + model.init_args.sampling.max_new_tokens"
+            length = data.max_prompt_length + new_tokens
+            shown = f"{data.max_prompt_length} + {new_tokens} = {length}"
+        else:
+            key, source = "model.init_args.model_name_or_path", hparams.get("model_name_or_path")
+            length_key, length, shown = "data.max_length", data.max_length, str(data.max_length)
+        try:
+            if source is not None:
+                config = AutoConfig.from_pretrained(source, trust_remote_code=hparams.get("trust_remote_code", False))
+            elif hparams.get("model_config") is not None:
+                key, config = "model.init_args.model_config", config_from_dict(hparams["model_config"], data.tokenizer)
+            else:
+                return
+        except (OSError, ValueError):  # left to the loader, whose error names the folder
+            return
+        check_position_limit(length_key, length, shown, key, config)
 
     def before_fit(self) -> None:
         """Check inputs before ``fit``."""

@@ -276,6 +276,52 @@ def check_model_kind(key: str, path: str | None, model, kind: str) -> None:
         )
 
 
+def learned_position_limit(config) -> int | None:
+    """The most tokens a model of ``config`` reads, if it learns one embedding per position (else ``None``).
+
+    GPT-2's ``wpe`` and OPT's ``embed_positions`` end at ``max_position_embeddings``; rotary or ALiBi positions have
+    no hard end. The model is built on the meta device (no memory, no weights) to see its modules; a config that
+    cannot be built that way (custom code, ...) gives ``None``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # the check must never stop a run that would work
+        return None
+    inputs = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        last = name.rpartition(".")[2]
+        if isinstance(module, torch.nn.Embedding) and module is not inputs and ("wpe" in last or "pos" in last):
+            return getattr(config, "max_position_embeddings", None)
+    return None
+
+
+def check_position_limit(length_key: str, length: int, shown: str, model_key: str, config) -> None:
+    """Inputs of ``length`` tokens must fit a model with learned positions.
+
+    Else the first long batch indexes past the position embeddings: an ``IndexError`` mid-step on CPU, a
+    device-side assert on GPU.
+
+    Args:
+        length_key: The setting(s) that give the length (``data.max_length``).
+        length: The longest input.
+        shown: How the length is shown (``48``, ``32 + 64 = 96``).
+        model_key: The model's setting (``model.init_args.actor_path``).
+        config: The model's Hugging Face config.
+
+    Raises:
+        ConfigError: ``data.max_length (48) exceeds the 32 positions of model.init_args.model_config (gpt2) ...``.
+    """
+    limit = learned_position_limit(config)
+    if limit is not None and length > limit:
+        raise ConfigError(
+            f"{length_key} ({shown}) exceeds the {limit} positions of {model_key} ({config.model_type}, which learns "
+            "an embedding for each position); lower it"
+        )
+
+
 def validate_stage_args(
     optimizer: Callable, warmup_steps: int, regularization: float = 0.0, oracle_margin: float = 0.0
 ) -> None:

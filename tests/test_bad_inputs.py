@@ -166,6 +166,21 @@ def _without_tokenizer(source: str, target: Path) -> str:
     return str(target)
 
 
+GPT2_32 = "{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, n_positions: 32}"  # 32 learned positions
+
+
+def _gpt2_actor(tokenizer: str, target: Path) -> str:
+    """A tiny GPT-2 policy with 32 learned positions, saved with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    from repo_lightning.models.backbone import load_causal_lm
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    load_causal_lm(tok, model_config=yaml.safe_load(GPT2_32)).save_pretrained(target)
+    tok.save_pretrained(target)
+    return str(target)
+
+
 def _checkpoint(path: Path, state_dict: dict) -> str:
     """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
     import lightning
@@ -238,6 +253,21 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "sft",
         lambda t, e: ["--trainer.gradient_clip_val=-1"],
         "trainer.gradient_clip_val must be >= 0, got -1",
+    ),
+    (
+        # GPT-2 learns one embedding per position: the first long batch was an IndexError traceback mid-training
+        "max-length-beyond-learned-positions",
+        "sft",
+        lambda t, e: [f"--model.init_args.model_config={GPT2_32}"],
+        "data.max_length (48) exceeds the 32 positions of model.init_args.model_config (gpt2, which learns an "
+        "embedding for each position); lower it",
+    ),
+    (
+        "prompt-and-response-beyond-learned-positions",
+        "policy",
+        lambda t, e: [f"--model.init_args.actor_path={_gpt2_actor(e['tokenizer'], t / 'gpt2')}"],
+        "data.max_prompt_length + model.init_args.sampling.max_new_tokens (32 + 4 = 36) exceeds the 32 positions of "
+        "model.init_args.actor_path (gpt2,",
     ),
     ("template", "sft", lambda t, e: ["--data.template=USER: hello"], "data.template must contain '{prompt}'"),
     (

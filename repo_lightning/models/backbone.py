@@ -60,7 +60,8 @@ def _scalar(value):
     return parsed if isinstance(parsed, int | float | bool) or parsed is None else value
 
 
-def _config_from_dict(model_config: dict, tokenizer: PreTrainedTokenizerBase, num_labels: int | None):
+def config_from_dict(model_config: dict, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None):
+    """A Hugging Face config from a ``model_config`` dict, its vocabulary and special ids from ``tokenizer``."""
     settings = {key: _scalar(value) for key, value in model_config.items()}
     model_type = settings.pop("model_type", None)
     if model_type is None:
@@ -154,7 +155,7 @@ def load_causal_lm(
     if model_name_or_path is not None:
         model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_config(_config_from_dict(model_config, tokenizer, None), **kwargs)
+        model = AutoModelForCausalLM.from_config(config_from_dict(model_config, tokenizer, None), **kwargs)
     if fused_activations:
         fuse_activations(model)
     return model.train()
@@ -194,7 +195,7 @@ def load_score_model(
                 )
             _collapse_heads(model)
     else:
-        config = _config_from_dict(model_config, tokenizer, num_labels or 1)
+        config = config_from_dict(model_config, tokenizer, num_labels or 1)
         model = AutoModelForSequenceClassification.from_config(config, **kwargs)
     if model.config.pad_token_id is None:
         # HF's own pooling finds the last token through pad_token_id; keep it equal to ours.
