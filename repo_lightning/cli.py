@@ -38,9 +38,11 @@ from repo_lightning.data.datamodule import RLHFDataModule
 from repo_lightning.errors import ConfigError, MissingInputError, UserInputError
 from repo_lightning.finite_guard import NonFiniteWeightCheck
 from repo_lightning.models.backbone import config_from_dict
+from repo_lightning.modules import CostModule, PolicyModule, RewardModule, SFTModule
 from repo_lightning.validation import (
     check_checkpoint_file,
     check_export_dir,
+    check_export_stage,
     check_model_path,
     check_non_negative,
     check_position_limit,
@@ -51,6 +53,8 @@ from repo_lightning.validation import (
 DEBUG_ENV = "REPO_LIGHTNING_DEBUG"
 #: Module arguments that name a model folder or hub repository.
 MODEL_PATH_KEYS = ("model_name_or_path", "actor_path", "reward_model_path", "cost_model_path")
+#: The stage each module exports as (``repo_lightning.json``'s ``stage``), for the export-onto-another-stage check.
+STAGES = {SFTModule: "sft", RewardModule: "reward", CostModule: "cost", PolicyModule: "policy"}
 #: The errors printed as one line (exit code 2).
 USER_ERRORS = (UserInputError, argparse.ArgumentError, MisconfigurationException)
 
@@ -106,6 +110,7 @@ class RLHFCLI(LightningCLI):
         if stage == "fit":
             inputs = {f"model.init_args.{key}": hparams.get(key) for key in MODEL_PATH_KEYS}
             check_export_dir("model.init_args.export_dir", hparams.get("export_dir"), inputs)
+            check_export_stage("model.init_args.export_dir", hparams.get("export_dir"), STAGES.get(type(self.model)))
         report_dir = (hparams.get("evaluation") or {}).get("report_dir")
         if stage == "test" and report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
             raise ConfigError(

@@ -158,6 +158,29 @@ def check_export_dir(key: str, path: str | None, inputs: dict[str, str | None] |
         raise ConfigError(f"{key}: {refusal}")
 
 
+def check_export_stage(key: str, path: str | None, stage: str | None) -> None:
+    """An export folder that holds another stage's export (its ``repo_lightning.json``) is not replaced.
+
+    ``export_dir: lightning_logs/demo/exports/reward`` in the cost config, say, would replace the trained reward
+    model with a cost model, which the policy stage would then read as its reward model.
+
+    Raises:
+        ConfigError: ``<key>: '...' holds the reward stage's export; this is the cost stage; ...``.
+    """
+    if path is None or stage is None:
+        return
+    record = Path(os.path.expanduser(str(path))) / "repo_lightning.json"
+    try:
+        previous = json.loads(record.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):  # no record (a new folder, a hub download): nothing to compare
+        return
+    if isinstance(previous, str) and previous != stage:
+        raise ConfigError(
+            f"{key}: {str(path)!r} holds the {previous} stage's export (its repo_lightning.json); this is the "
+            f"{stage} stage, and exporting there would replace it; choose another folder"
+        )
+
+
 def export_dir_refusal(folder: Path) -> str | None:
     """Why ``folder`` must not be replaced by an export, or ``None`` if it may (new, empty, or a model)."""
     if not folder.exists() or (folder / "config.json").is_file():

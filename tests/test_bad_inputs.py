@@ -181,6 +181,13 @@ def _gpt2_actor(tokenizer: str, target: Path) -> str:
     return str(target)
 
 
+def _stage_export(source: str, target: Path, stage: str) -> str:
+    """A copy of a tiny export recorded as ``stage``'s (the ``repo_lightning.json`` our exports write)."""
+    shutil.copytree(source, target)
+    (target / "repo_lightning.json").write_text(json.dumps({"stage": stage}))
+    return str(target)
+
+
 def _checkpoint(path: Path, state_dict: dict) -> str:
     """A Lightning-style checkpoint holding ``state_dict`` (another stage's ``last.ckpt``, as a loader sees it)."""
     import lightning
@@ -440,6 +447,14 @@ CASES: list[tuple[str, str, Setup, str]] = [
         "sft",
         lambda t, e: [f"--data.cache_dir={_write(t / 'notes.txt', 'x')}/cache", "--data.world.seed=123"],
         "data.cache_dir: cannot write '{tmp}/notes.txt/cache': '{tmp}/notes.txt' is a file, not a folder",
+    ),
+    (
+        # the cost stage trained and then replaced the reward model, which the policy reads as its reward
+        "export-dir-of-another-stage",
+        "reward",
+        lambda t, e: [f"--model.init_args.export_dir={_stage_export(e['cost'], t / 'cost', 'cost')}"],
+        "model.init_args.export_dir: '{tmp}/cost' holds the cost stage's export (its repo_lightning.json); this is the "
+        "reward stage, and exporting there would replace it",
     ),
     (
         "missing-tokenizer",
