@@ -274,21 +274,16 @@ def test_default_world_is_named_in_the_summary(fake_stages, capsys):
     assert "SafetyWorld: the default one." in (fake_stages / "summary.md").read_text()
 
 
+# the stages before an ensemble's members, and those after them for --algorithms repo
+FIRST_ROUND_STAGES = ["fit_sft", "fit_reward", "test_reward", "fit_cost", "test_cost"]
+REPO_STAGES = ["eval_sft", "fit_repo", "eval_repo"]
+
+
 def test_reward_ensemble_trains_members_from_their_own_sft_starts(fake_stages, capsys):
     pipeline_main(["--root", str(fake_stages), "--algorithms", "repo", "--seed", "3", "--reward-ensemble", "3"])
     stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     members = ["fit_sft_m1", "fit_reward_m1", "fit_sft_m2", "fit_reward_m2"]
-    assert [line.split()[1] for line in stage_lines] == [
-        "fit_sft",
-        "fit_reward",
-        "test_reward",
-        "fit_cost",
-        "test_cost",
-        *members,
-        "eval_sft",
-        "fit_repo",
-        "eval_repo",
-    ]
+    assert [line.split()[1] for line in stage_lines] == [*FIRST_ROUND_STAGES, *members, *REPO_STAGES]
     assert all(line.startswith(f"[{i}/12]") for i, line in enumerate(stage_lines, 1))
     logs, exports = fake_stages / "logs", fake_stages / "exports"
     sft = (logs / "fit_sft_m2.log").read_text().splitlines()[0]
@@ -308,18 +303,7 @@ def test_cost_ensemble_trains_cost_members_beside_the_reward_members_on_shared_s
     stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     # member 1: its SFT start, a reward and a cost model; member 2: its SFT start and a cost model only
     members = ["fit_sft_m1", "fit_reward_m1", "fit_cost_m1", "fit_sft_m2", "fit_cost_m2"]
-    names = [line.split()[1] for line in stage_lines]
-    assert names == [
-        "fit_sft",
-        "fit_reward",
-        "test_reward",
-        "fit_cost",
-        "test_cost",
-        *members,
-        "eval_sft",
-        "fit_repo",
-        "eval_repo",
-    ]
+    assert [line.split()[1] for line in stage_lines] == [*FIRST_ROUND_STAGES, *members, *REPO_STAGES]
     assert all(line.startswith(f"[{i}/13]") for i, line in enumerate(stage_lines, 1))
     logs, exports = fake_stages / "logs", fake_stages / "exports"
     cost = (logs / "fit_cost_m2.log").read_text().splitlines()[0]
