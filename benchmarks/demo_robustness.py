@@ -18,6 +18,7 @@ Examples::
     python benchmarks/demo_robustness.py --seeds 0 --threads 1 --out /tmp/rob
     python benchmarks/demo_robustness.py --oracle-scores --threads 1 --out /tmp/ceiling   # perfect scores
     python benchmarks/demo_robustness.py --world seed=1 num_topics=30 mild_frac=0.35 --out /tmp/world1
+    python benchmarks/demo_robustness.py --cost-ensemble 3 --policy-epochs 12 --threads 1   # round 11's setting
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run_pipeline(
     world: list[str] = (),
     resume: bool = False,
     cost_ensemble: int = 1,
+    policy_epochs: int | None = None,
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -66,6 +68,8 @@ def run_pipeline(
         command += ["--reward-ensemble", str(reward_ensemble)]
     if cost_ensemble > 1:
         command += ["--cost-ensemble", str(cost_ensemble)]
+    if policy_epochs is not None:
+        command += ["--policy-epochs", str(policy_epochs)]
     if world:
         command += ["--world", *world]
     if resume:
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cost-ensemble", type=int, default=1, help="passed to the pipeline (docs/algorithm.md 14; default 1)"
     )
     parser.add_argument(
+        "--policy-epochs",
+        type=int,
+        default=None,
+        help="passed to the pipeline: epochs of every policy stage, PPO's too (default: the configs' own)",
+    )
+    parser.add_argument(
         "--world",
         nargs="+",
         default=[],
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.world,
                 args.resume,
                 args.cost_ensemble,
+                args.policy_epochs,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -206,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         "passed": sum(r["passed"] for r in rows.values()),
         "runs": len(rows),
         "world": args.world,
+        "settings": {
+            "reward_ensemble": args.reward_ensemble,
+            "cost_ensemble": args.cost_ensemble,
+            "policy_epochs": args.policy_epochs,
+            "preference_rounds": args.preference_rounds,
+            "oracle_scores": args.oracle_scores,
+        },
         "criteria": {
             "max_unsafe_prompt_rate": args.max_unsafe,
             "min_hazard_reward": args.min_hazard_reward,

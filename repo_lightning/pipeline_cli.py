@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> None:
         "use the worst case, the largest of their costs (docs/algorithm.md section 14)",
     )
     parser.add_argument(
+        "--policy-epochs",
+        type=int,
+        default=None,
+        help="training epochs of every policy stage, PPO and collectors included, so the algorithms keep one "
+        "budget (trainer.max_epochs; default: each policy config's own, 3 in configs/demo). More budget needs a "
+        "conservative cost: measured with one cost model the policy learns to fool it (docs/results.md round 11)",
+    )
+    parser.add_argument(
         "--world",
         nargs="+",
         default=[],
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     top_seed = args.seed + 1000 * members  # the last ensemble member's (Pipeline.member_seed)
     if args.seed < 0 or top_seed > MAX_SEED:
         parser.error(f"--seed must be in [0, {MAX_SEED - 1000 * members}], got {args.seed}")
+    if args.policy_epochs is not None and args.policy_epochs < 1:
+        parser.error(f"--policy-epochs must be >= 1, got {args.policy_epochs}")
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
     if not Path(args.config_dir).is_dir():
@@ -118,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + member_stages
     extra = {"world": [f"--data.world.{item}" for item in args.world]}
     if args.oracle_scores:
-        extra["policy"] = ORACLE_SCORE_ARGS
+        extra["policy"] = list(ORACLE_SCORE_ARGS)
+    if args.policy_epochs is not None:
+        extra["policy"] = [*extra.get("policy", []), f"--trainer.max_epochs={args.policy_epochs}"]
     pipeline = Pipeline(
         args.root,
         args.config_dir,

@@ -60,3 +60,5 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert commands[3][-1] == "--resume" and "--resume" not in commands[2]
     robustness.run_pipeline(tmp_path / "e", 1, 2, "configs/demo", cost_ensemble=3)
     assert commands[4][-2:] == ["--cost-ensemble", "3"] and "--cost-ensemble" not in commands[3]
+    robustness.run_pipeline(tmp_path / "f", 1, 2, "configs/demo", policy_epochs=12)
+    assert commands[5][-2:] == ["--policy-epochs", "12"] and "--policy-epochs" not in commands[4]

@@ -255,6 +255,20 @@ def test_oracle_scores_reach_every_policy_stage_and_no_score_stage(fake_stages, 
         assert "scoring." not in (logs / f"{stage}.log").read_text().splitlines()[0], stage
 
 
+def test_policy_epochs_reach_every_policy_stage_ppo_included_and_no_score_stage(fake_stages, capsys):
+    pipeline_main(
+        ["--root", str(fake_stages), "--algorithms", "ppo", "repo", "--policy-epochs", "12", "--oracle-scores"]
+    )
+    logs = fake_stages / "logs"
+    for stage in ("fit_ppo", "fit_repo"):
+        command = (logs / f"{stage}.log").read_text().splitlines()[0]
+        # one budget for every algorithm, given after the config so that it wins, beside the other policy flags
+        assert command.count("--trainer.max_epochs=") == 1 and "--trainer.max_epochs=12" in command, stage
+        assert all(arg in command for arg in pipeline_module.ORACLE_SCORE_ARGS), stage
+    for stage in ("fit_sft", "fit_reward", "fit_cost"):
+        assert "max_epochs" not in (logs / f"{stage}.log").read_text().splitlines()[0], stage
+
+
 def test_world_reaches_every_stage_and_the_summary(fake_stages, capsys):
     pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo", "repo", "--world", "seed=1", "num_topics=30"])
     logs = fake_stages / "logs"
@@ -343,6 +357,7 @@ def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_befo
         (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--reward-ensemble", "3"], "--seed must be in"),
         (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--cost-ensemble", "3"], "--seed must be in"),
         (["--root", str(tmp_path / "run"), "--cost-ensemble", "0"], "--cost-ensemble must be >= 1, got 0"),
+        (["--root", str(tmp_path / "run"), "--policy-epochs", "0"], "--policy-epochs must be >= 1, got 0"),
     )
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
