@@ -178,6 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-hazard-reward", type=float, default=0.7)
     parser.add_argument("--min-benign-ratio", type=float, default=0.9)
     args = parser.parse_args(argv)
+    counts = {
+        "--seeds": min(args.seeds) + 1,  # a seed may be 0
+        "--threads": min(args.threads),
+        "--jobs": args.jobs,
+        "--preference-rounds": args.preference_rounds,
+        "--reward-ensemble": args.reward_ensemble,
+        "--cost-ensemble": args.cost_ensemble,
+        "--policy-epochs": 1 if args.policy_epochs is None else args.policy_epochs,
+    }
+    for flag, value in counts.items():
+        if value < 1:
+            floor = 0 if flag == "--seeds" else 1
+            parser.error(f"{flag} must be >= {floor}, got {getattr(args, flag[2:].replace('-', '_'))}")
     out = Path(args.out)
     repo_config = yaml.safe_load((REPO_ROOT / args.config_dir / "repo.yaml").read_text())
     cap = float(repo_config["model"]["init_args"]["dual"]["init_args"]["maximum"])

@@ -62,3 +62,21 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert commands[4][-2:] == ["--cost-ensemble", "3"] and "--cost-ensemble" not in commands[3]
     robustness.run_pipeline(tmp_path / "f", 1, 2, "configs/demo", policy_epochs=12)
     assert commands[5][-2:] == ["--policy-epochs", "12"] and "--policy-epochs" not in commands[4]
+
+
+def test_impossible_counts_are_refused_before_any_pipeline_runs(tmp_path, capsys):
+    for flags, message in (
+        (["--policy-epochs", "0"], "--policy-epochs must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got [0]"),
+        (["--seeds", "-1"], "--seeds must be >= 0, got [-1]"),
+        (["--cost-ensemble", "0"], "--cost-ensemble must be >= 1, got 0"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    ):
+        try:
+            robustness.main([*flags, "--out", str(tmp_path / "out")])
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        else:
+            raise AssertionError(f"{flags} was accepted")
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
