@@ -40,7 +40,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from repo_lightning.pipeline import COLLECT_SAMPLES_PER_PROMPT, Pipeline, latest_checkpoint  # noqa: E402
+from repo_lightning.pipeline import Pipeline  # noqa: E402
 from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows  # noqa: E402
 
 #: Figures printed and recorded per policy (oracle figures on the held-out prompts, and the learned cost's misses).
@@ -76,9 +76,10 @@ class RewardRounds:
     def pairs_file(self, round_index: int) -> Path:
         return self.folder / f"round{round_index}" / "pairs.jsonl"
 
-    def _policy_extra(self, config: str, round_index: int, for_training: bool) -> list[str]:
+    def _policy_extra(self, config: str, round_index: int) -> list[str]:
+        """A round's reward model for every policy; ``repo_args`` for RePO policies of this script's rounds."""
         extra = [f"--model.init_args.reward_model_path={self.pipeline.export(reward_name(round_index))}"]
-        if config.startswith("repo") and (for_training or round_index > 1):
+        if config.startswith("repo") and round_index > 1:
             extra += self.repo_args
         return extra
 
@@ -91,22 +92,11 @@ class RewardRounds:
         rows = []
         for index, (name, config) in enumerate(self.policies.items()):
             run = policy_name(name, previous)
+            args = pipeline._policy_args(config, f"policy_{run}", self._policy_extra(config, previous))
             out = self.folder / f"round{round_index}" / run
-            args = pipeline._policy_args(config, f"policy_{run}", self._policy_extra(config, previous, False))
-            checkpoint = latest_checkpoint(pipeline.root / "logs" / f"policy_{run}")
-            pipeline._run(
-                f"sample_r{round_index}_{run}",
-                [
-                    "test",
-                    *args,
-                    f"--ckpt_path={checkpoint}",
-                    f"--model.init_args.evaluation.report_dir={out}",
-                    f"--model.init_args.evaluation.samples_per_prompt={COLLECT_SAMPLES_PER_PROMPT}",
-                    f"--data.test_dataset={prompts}",
-                ],
-            )
+            samples = pipeline.sample_policy(f"sample_r{round_index}_{run}", run, args, out, prompts)
             seed = 1000 * pipeline.seed + 100 + 10 * round_index + index
-            rows += annotate_samples(world, read_samples(out / "per_prompt.jsonl"), seed=seed)
+            rows += annotate_samples(world, read_samples(samples), seed=seed)
         pairs = self.pairs_file(round_index)
         write_rows(rows, pairs)
         return pairs
@@ -123,7 +113,7 @@ class RewardRounds:
         figures = {}
         for policy, config in self.policies.items():
             run = policy_name(policy, round_index)
-            out = pipeline.train_policy(config, run, self._policy_extra(config, round_index, True))
+            out = pipeline.train_policy(config, run, self._policy_extra(config, round_index))
             metrics = json.loads((out / "metrics.json").read_text())
             figures[run] = {key: metrics[key] for key in FIGURES if key in metrics}
             card = Path(pipeline.export(run)) / "repo_lightning.json"

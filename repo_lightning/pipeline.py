@@ -239,25 +239,33 @@ class Pipeline:
         for index, algorithm in enumerate(algorithms):
             name = f"{tag}{algorithm}"
             self.fit_policy(algorithm, name, models=tag)
-            checkpoint = latest_checkpoint(self.root / "logs" / f"policy_{name}")
-            out = folder / algorithm
             args = self._policy_args(algorithm, f"policy_{name}", models=tag)
-            self._run(
-                f"sample_{name}",
-                [
-                    "test",
-                    *args,
-                    f"--ckpt_path={checkpoint}",
-                    f"--model.init_args.evaluation.report_dir={out}",
-                    f"--model.init_args.evaluation.samples_per_prompt={COLLECT_SAMPLES_PER_PROMPT}",
-                    f"--data.test_dataset={prompts}",
-                ],
-            )
+            samples = self.sample_policy(f"sample_{name}", name, args, folder / algorithm, prompts)
             seed = 1000 * self.seed + 10 * round_index + index
-            rows += annotate_samples(world, read_samples(out / "per_prompt.jsonl"), seed=seed)
+            rows += annotate_samples(world, read_samples(samples), seed=seed)
         pairs = folder / "pairs.jsonl"
         write_rows(rows, pairs)
         return pairs
+
+    def sample_policy(self, stage: str, name: str, args: list[str], out: Path, prompts: Path) -> Path:
+        """Sample the newest checkpoint of policy run ``name`` on ``prompts``; returns its ``per_prompt.jsonl``.
+
+        :data:`COLLECT_SAMPLES_PER_PROMPT` answers a prompt, through a ``test`` run (stage ``stage``) with ``args``,
+        the policy's own arguments (:meth:`_policy_args`), writing the report to ``out``.
+        """
+        checkpoint = latest_checkpoint(self.root / "logs" / f"policy_{name}")
+        self._run(
+            stage,
+            [
+                "test",
+                *args,
+                f"--ckpt_path={checkpoint}",
+                f"--model.init_args.evaluation.report_dir={out}",
+                f"--model.init_args.evaluation.samples_per_prompt={COLLECT_SAMPLES_PER_PROMPT}",
+                f"--data.test_dataset={prompts}",
+            ],
+        )
+        return out / "per_prompt.jsonl"
 
     def train_rounds(self, algorithms: list[str], rounds: int, test: bool = True) -> list[Path]:
         """SFT, then ``rounds`` rounds of reward and cost training (the last one's: exports ``reward``, ``cost``).

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import reward_rounds  # noqa: E402
 
+from repo_lightning import pipeline as pipeline_module  # noqa: E402
 from repo_lightning.pipeline import Pipeline  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def recorded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Pipeline, "_run", run)
     monkeypatch.setattr(Pipeline, "train_policy", train_policy)
-    monkeypatch.setattr(reward_rounds, "latest_checkpoint", lambda folder: folder / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(pipeline_module, "latest_checkpoint", lambda folder: folder / "checkpoints" / "last.ckpt")
     return root, stages
 
 
