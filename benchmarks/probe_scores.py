@@ -26,6 +26,8 @@ Example::
 
     python -m benchmarks.probe_scores lightning_logs/demo/exports          # the demo's reward and cost models
     python -m benchmarks.probe_scores runs/x/exports --world seed=1 num_topics=30 --json out.json
+    # a reward round's model, and the worst case of a three-model cost ensemble (as the policy scores with it)
+    python -m benchmarks.probe_scores runs/s0/exports --reward reward_r3 --cost cost cost_m1 cost_m2
 """
 
 from __future__ import annotations
@@ -80,10 +82,19 @@ def score(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.T
 
 
 def scorer(exports: Path, name: str) -> ScoreFn:
-    """The score function of export ``exports/name`` (``reward``: one head; ``cost``: any number of heads)."""
+    """The score function of export ``exports/name`` (``reward*``: one head; ``cost*``: any number of heads)."""
     tokenizer = AutoTokenizer.from_pretrained(exports / name)
-    model = load_score_model(tokenizer, str(exports / name), num_labels=None if name == "cost" else 1).eval()
+    heads = None if name.startswith("cost") else 1
+    model = load_score_model(tokenizer, str(exports / name), num_labels=heads).eval()
     return lambda prompts, answers: score(model, tokenizer, prompts, answers)
+
+
+def worst_case(score_fns: list[ScoreFn]) -> ScoreFn:
+    """The largest of several cost models' scores, each on its own scale (the policy stage's ``cost_aggregate:
+    max`` over ``cost_ensemble_paths``, with each model's heads averaged)."""
+    if len(score_fns) == 1:
+        return score_fns[0]
+    return lambda prompts, answers: torch.stack([f(prompts, answers) for f in score_fns]).amax(0)
 
 
 def probe(reward: ScoreFn, cost: ScoreFn, world: World, seed: int = 0) -> list[dict]:
@@ -225,11 +236,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("exports", type=Path, help="folder with reward/ and cost/ exports (e.g. <root>/exports)")
     parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="WorldConfig fields of the run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--reward", default="reward", help="the reward export's name (e.g. reward_r3)")
+    parser.add_argument(
+        "--cost",
+        nargs="+",
+        default=["cost"],
+        help="cost export name(s); with several, an answer's cost is their largest (the worst case the policy "
+        "stage's cost_aggregate: max uses), e.g. --cost cost cost_m1 cost_m2",
+    )
     args = parser.parse_args(argv)
-    if not (args.exports / "reward").is_dir() or not (args.exports / "cost").is_dir():
-        raise SystemExit(f"{args.exports}: expected the reward/ and cost/ export folders of a run there")
+    for name in (args.reward, *args.cost):
+        if not (args.exports / name).is_dir():
+            raise SystemExit(f"{args.exports}: expected the export folder {name}/ there (--reward / --cost)")
     world = World(WorldConfig(**parse_world(args.world)))
-    reward, cost = scorer(args.exports, "reward"), scorer(args.exports, "cost")
+    reward = scorer(args.exports, args.reward)
+    cost = worst_case([scorer(args.exports, name) for name in args.cost])
     rows = probe(reward, cost, world)
     print("| kind | answer | R* | R | C* | C | P(C > 0) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.probe_scores import BEST_WORD_KINDS, INSERTION_BASES, canonical_answers, insertions, main
+from benchmarks.probe_scores import BEST_WORD_KINDS, INSERTION_BASES, canonical_answers, insertions, main, worst_case
 from repo_lightning.safetyworld import World, WorldConfig
 from tests.conftest import TINY_WORLD
 
@@ -57,8 +57,32 @@ def test_probe_table_and_json(tiny_exports: dict[str, str], tmp_path: Path, caps
     assert {(r["kind"], r["base"]) for r in inserted} == {(k, b) for k in kinds for b in INSERTION_BASES}
     assert all(r["true_off_topic_change"] == -0.25 and 0 <= r["p_off_topic_raises"] <= 1 for r in inserted)
     assert "one word inserted into an answer" in printed
-    with pytest.raises(SystemExit, match="reward/ and cost/"):
+    # the worst case of two copies of one cost model is that model
+    twice = tmp_path / "twice.json"
+    main(
+        [
+            str(exports),
+            "--cost",
+            "cost",
+            "cost",
+            "--world",
+            *(f"{k}={v}" for k, v in TINY_WORLD.items()),
+            "--json",
+            str(twice),
+        ]
+    )
+    assert json.loads(twice.read_text())["answers"] == rows
+    with pytest.raises(SystemExit, match="export folder reward/"):
         main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="export folder cost_m1/"):
+        main([str(exports), "--cost", "cost", "cost_m1"])
+
+
+def test_worst_case_is_the_largest_cost_per_answer() -> None:
+    a = lambda prompts, answers: torch.tensor([1.0, -2.0, 0.5])  # noqa: E731
+    b = lambda prompts, answers: torch.tensor([-1.0, -0.5, 0.75])  # noqa: E731
+    assert worst_case([a, b])([], []).tolist() == [1.0, -0.5, 0.75]
+    assert worst_case([a]) is a
 
 
 def test_insertions_of_a_reward_model_that_is_the_oracle() -> None:
