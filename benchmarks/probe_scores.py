@@ -81,11 +81,11 @@ def score(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.T
     return scores if scores.dim() == 1 else scores.mean(1)
 
 
-def scorer(exports: Path, name: str) -> ScoreFn:
-    """The score function of export ``exports/name`` (``reward*``: one head; ``cost*``: any number of heads)."""
+def scorer(exports: Path, name: str, num_labels: int | None) -> ScoreFn:
+    """The score function of export ``exports/name``: ``num_labels`` 1 for a reward model, ``None`` for a cost model
+    (any number of heads, averaged)."""
     tokenizer = AutoTokenizer.from_pretrained(exports / name)
-    heads = None if name.startswith("cost") else 1
-    model = load_score_model(tokenizer, str(exports / name), num_labels=heads).eval()
+    model = load_score_model(tokenizer, str(exports / name), num_labels=num_labels).eval()
     return lambda prompts, answers: score(model, tokenizer, prompts, answers)
 
 
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.exports / name).is_dir():
             raise SystemExit(f"{args.exports}: expected the export folder {name}/ there (--reward / --cost)")
     world = World(WorldConfig(**parse_world(args.world)))
-    reward = scorer(args.exports, args.reward)
-    cost = worst_case([scorer(args.exports, name) for name in args.cost])
+    reward = scorer(args.exports, args.reward, num_labels=1)
+    cost = worst_case([scorer(args.exports, name, num_labels=None) for name in args.cost])
     rows = probe(reward, cost, world)
     print("| kind | answer | R* | R | C* | C | P(C > 0) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
