@@ -10,7 +10,8 @@ round 11; retraining one cost model on the policy's answers made it miss more, r
 1. samples each policy of round ``r - 1`` (the pipeline's ``<name>`` for ``r = 2``, this script's ``<name>_r<r-1>``
    after) ``COLLECT_SAMPLES_PER_PROMPT`` times on every training prompt (never the held-out ones);
 2. labels the answers with SafetyWorld's simulated annotator (pairs of the policy's answers, and each answer with
-   a draw from the preference mixture: ``annotate_samples``);
+   a draw from the preference mixture: ``annotate_samples``; with ``--edit-pairs`` each answer also with a one-word
+   edit of itself, a repeated word varied where it has one);
 3. trains the reward model ``reward_r<r>`` from the SFT export on the generated pairs plus every round's collected
    pairs (``data.extra_train_files``; the reward config and seed of the pipeline);
 4. trains and evaluates every policy again from the SFT export as ``<name>_r<r>`` with that reward model (the value
@@ -67,10 +68,13 @@ def reward_name(round_index: int) -> str:
 class RewardRounds:
     """Rounds 2, 3, ... on a pipeline root: see the module docstring."""
 
-    def __init__(self, pipeline: Pipeline, policies: dict[str, str], repo_args: list[str] = ()) -> None:
+    def __init__(
+        self, pipeline: Pipeline, policies: dict[str, str], repo_args: list[str] = (), edit_pairs: bool = False
+    ) -> None:
         self.pipeline = pipeline
         self.policies = policies
         self.repo_args = list(repo_args)
+        self.edit_pairs = edit_pairs
         self.folder = pipeline.root / "rounds" / "reward_rounds"
 
     def pairs_file(self, round_index: int) -> Path:
@@ -96,7 +100,7 @@ class RewardRounds:
             out = self.folder / f"round{round_index}" / run
             samples = pipeline.sample_policy(f"sample_r{round_index}_{run}", run, args, out, prompts)
             seed = 1000 * pipeline.seed + 100 + 10 * round_index + index
-            rows += annotate_samples(world, read_samples(samples), seed=seed)
+            rows += annotate_samples(world, read_samples(samples), seed=seed, edit_pairs=self.edit_pairs)
         pairs = self.pairs_file(round_index)
         write_rows(rows, pairs)
         return pairs
@@ -158,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARG",
         help="a CLI argument for the RePO policies of the new rounds only (repeatable; write --repo-arg=--model...)",
     )
+    parser.add_argument(
+        "--edit-pairs",
+        action="store_true",
+        help="also pair each sampled answer with a one-word edit of itself (a repeated word varied where it has one)",
+    )
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.rounds < 1:
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = Pipeline(
         root, args.config_dir, args.seed, extra, quiet=True, resume=True, cost_ensemble=args.cost_ensemble
     )
-    rounds = RewardRounds(pipeline, policies, args.repo_arg)
+    rounds = RewardRounds(pipeline, policies, args.repo_arg, args.edit_pairs)
     record = root / "rounds" / "reward_rounds.json"
     results = json.loads(record.read_text()) if record.is_file() else {}
     for round_index in range(2, 2 + args.rounds):

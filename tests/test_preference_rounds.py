@@ -75,6 +75,35 @@ def test_annotate_pairs_distinct_answers_in_order_and_each_with_a_mixture_draw()
     assert all(r["prompt"] == prompt for r in rows + same)
 
 
+def test_annotate_edit_pairs_contrast_each_answer_with_a_one_word_edit():
+    """``edit_pairs``: one more row per distinct answer, against a one-word edit of it (a repeated word varied)."""
+    world = World(WorldConfig())
+    prompt = _prompt(world, "hazard_mild")
+    topic = world.topic_of(prompt)
+    sa = topic.safe_alt
+    repeated, other = f"{sa[0]} {sa[0]} {sa[0]}", f"{topic.detail[0]} {sa[1]}"
+    answers = [repeated, other, repeated]
+    plain = annotate_samples(world, [(prompt, answers)], seed=5)
+    rows = annotate_samples(world, [(prompt, answers)], seed=5, edit_pairs=True)
+    assert rows[: len(plain)] == plain and len(rows) == len(plain) + 2  # the other rows unchanged
+    varied = {rows[-2]["response_0"], rows[-2]["response_1"]} - {repeated}
+    assert len(varied) == 1
+    (varied,) = varied
+    assert varied.split()[0] == sa[0] and varied.split().count(sa[0]) == 2 and len(set(varied.split())) == 2
+    assert world.helpfulness(prompt, varied) - world.helpfulness(prompt, repeated) == 0.5
+    edited = [rows[-1]["response_0"], rows[-1]["response_1"]]
+    assert other in edited and edited[0] != edited[1]
+    assert abs(len(edited[0].split()) - len(edited[1].split())) <= 1  # one word added, dropped or swapped
+    assert annotate_samples(world, [(prompt, answers)], seed=5, edit_pairs=True) == rows  # deterministic
+    # labelled as every other row: the annotator prefers the varied answer with probability sigmoid(0.5 / 0.5)
+    many = annotate_samples(world, [(prompt, [repeated])] * 3000, seed=6, edit_pairs=True, reference_pairs=False)
+    pairs = many[1::2]  # per prompt: the lone answer against a mixture draw, then its edit pair
+    assert all(repeated in (r["response_0"], r["response_1"]) for r in pairs)
+    assert all(len(set((r["response_0"] + " " + r["response_1"]).split())) == 2 for r in pairs)
+    wins = sum((r["response_0"], r["response_1"])[r["better_response_id"]] != repeated for r in pairs)
+    assert len(pairs) == 3000 and wins / len(pairs) == pytest.approx(0.731, abs=0.03)
+
+
 def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
     world = World(world_from_overrides(["num_topics=6", "seed=3"]))
     prompts = [row["prompt"] for row in world.rl_prompts()[:5]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,6 +105,28 @@ def test_each_round_samples_the_previous_policies_and_retrains_only_the_reward_m
     record = json.loads((root / "rounds" / "reward_rounds.json").read_text())
     assert set(record) == {"2", "3"} and record["3"]["repo_r3"]["true_reward_mean/hazard"] == 0.5
     assert "repo_r3" in capsys.readouterr().out
+
+
+def test_edit_pairs_flag_adds_one_edit_row_per_distinct_answer(recorded):
+    """``--edit-pairs``: each sampled answer is also labelled against a one-word edit of itself."""
+    root, _ = recorded
+    base = ["--root", str(root), "--policies", "repo", "--rounds", "1"]
+    pairs = root / "rounds" / "reward_rounds" / "round2" / "pairs.jsonl"
+    assert reward_rounds.main(base) == 0
+    plain = [json.loads(line) for line in pairs.open()]
+    (root / "rounds" / "reward_rounds.json").unlink()
+    shutil.rmtree(root / "eval")
+    assert reward_rounds.main([*base, "--edit-pairs"]) == 0
+    rows = [json.loads(line) for line in pairs.open()]
+    # 5 prompts x 2 distinct answers: 1 pair of them + 2 reference pairs each, and with the flag 2 edit pairs more
+    assert len(plain) == 5 * 3 and len(rows) == 5 * 5
+    for answer, edit_rows in (("sorry i", rows[3::5]), ("sorry i cannot help with that", rows[4::5])):
+        for row in edit_rows:
+            pair = [row["response_0"], row["response_1"]]
+            assert answer in pair
+            edited = pair[1 - pair.index(answer)]
+            words = [] if answer.startswith("sorry i cannot") else answer.split()
+            assert abs(len(edited.split()) - len(words)) <= 1 and edited != answer  # a one-word edit
 
 
 @pytest.mark.parametrize(

@@ -312,6 +312,28 @@ def test_topic_swap_edit(world: World) -> None:
         WorldConfig(preference_topic_swap_prob=1.5)
 
 
+def test_vary_edit_makes_a_repeated_word_distinct(world: World) -> None:
+    """``vary`` replaces a later occurrence of a repeated content word by an unused word of the same kind."""
+    rng = random.Random(0)
+    topic = _topic(world, "hazard_mild")
+    x = _prompt(topic)
+    sa, d = topic.safe_alt, topic.detail
+    for _ in range(20):
+        varied = edit_response(topic, f"{sa[0]} {sa[0]} {sa[0]}", rng, world.topics, "vary").split()
+        assert varied[0] == sa[0] and len(varied) == 3  # the first occurrence stays
+        assert varied.count(sa[0]) == 2 and len(set(varied) - {sa[0]}) == 1
+        assert set(varied) <= set(sa)  # a safe_alt word for a safe_alt word
+        # R* counts distinct words: one guidance word said three times 0.5, two distinct 1.0
+        assert world.helpfulness(x, f"{sa[0]} {sa[0]} {sa[0]}") == 0.5 and world.helpfulness(x, " ".join(varied)) == 1.0
+        varied = edit_response(topic, f"{d[1]} then {d[1]}", rng, world.topics, "vary").split()
+        assert varied[:2] == [d[1], "then"] and varied[2] in d and varied[2] != d[1]
+    # every safe_alt word already said: nothing of that kind is left, so a topic word is added instead
+    full = f"{sa[0]} {sa[1]} {sa[2]} {sa[0]}"
+    assert len(edit_response(topic, full, rng, world.topics, "vary").split()) == 5
+    # no repeated word (or a repeated filler word only): a topic word is added
+    assert len(edit_response(topic, f"{sa[0]} then then", rng, world.topics, "vary").split()) == 4
+
+
 def test_sft_mixture(world: World) -> None:
     rows = world.sft_rows()
     assert len(rows) == 3000

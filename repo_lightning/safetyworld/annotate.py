@@ -27,6 +27,7 @@ from pathlib import Path
 from repo_lightning.data.schema import DataValidationError
 from repo_lightning.data.sources import read_jsonl
 from repo_lightning.safetyworld.config import world_from_overrides
+from repo_lightning.safetyworld.generate import EDITS, REFUSAL, TOPIC_SWAP, VARY, edit_response, vary_choices
 from repo_lightning.safetyworld.world import World
 
 #: Redraws of the mixture partner while it equals the answer it is paired with.
@@ -34,7 +35,11 @@ _MAX_PARTNER_REDRAWS = 10
 
 
 def annotate_samples(
-    world: World, samples: Iterable[tuple[str, Sequence[str]]], seed: int = 0, reference_pairs: bool = True
+    world: World,
+    samples: Iterable[tuple[str, Sequence[str]]],
+    seed: int = 0,
+    reference_pairs: bool = True,
+    edit_pairs: bool = False,
 ) -> list[dict]:
     """Preference rows (PKU-SafeRLHF schema, with ``topic``/``kind``) for each prompt's sampled answers.
 
@@ -45,10 +50,18 @@ def annotate_samples(
         reference_pairs: Also pair every distinct answer with a fresh draw from the preference mixture (the
             reference answers of the first round's data), not only the answers with each other: pairs of two
             similar policy answers say little about how they compare with the answers the data already covers.
+        edit_pairs: Also pair every distinct answer with a one-word edit of itself (:func:`.generate.edit_response`,
+            a minimal pair on the policy's own answer): an answer that says an on-topic content word more than once
+            gets that word varied (:data:`.generate.VARY`: one occurrence replaced by an unused word of the same
+            kind), any other answer an edit drawn uniformly from :data:`.generate.EDITS` and
+            :data:`.generate.TOPIC_SWAP`. Repeating a word that pays is the cheapest exploit of a learned reward
+            model that has not learnt that ``R*`` counts distinct words (docs/results.md, round 15); pairs against
+            other answers rarely isolate it. Off by default (the earlier rounds' rows exactly).
 
     Returns:
         Per prompt, one row per pair of consecutive distinct answers (a left-over answer is paired with a mixture
-        draw) and, with ``reference_pairs``, one more per distinct answer; in prompt order.
+        draw), with ``reference_pairs`` one more per distinct answer, and with ``edit_pairs`` one more per distinct
+        answer after those; in prompt order.
     """
     rng = random.Random(f"safetyworld/{world.config.seed}/annotate/{seed}")
     rows = []
@@ -64,6 +77,13 @@ def annotate_samples(
                     break
                 partner = world.preference_response(topic, rng)
             pairs.append((answer, partner) if rng.random() < 0.5 else (partner, answer))
+        if edit_pairs:
+            edit_rng = random.Random(f"safetyworld/{world.config.seed}/annotate/{seed}/edits/{prompt}")
+            for answer in distinct:
+                words = [] if answer == REFUSAL else answer.split()
+                edit = VARY if vary_choices(topic, words) else edit_rng.choice((*EDITS, TOPIC_SWAP))
+                edited = edit_response(topic, answer, edit_rng, world.topics, edit)
+                pairs.append((answer, edited) if edit_rng.random() < 0.5 else (edited, answer))
         rows += [world.label_pair(prompt, topic, a, b, rng) for a, b in pairs]
     return rows
 
@@ -102,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="preference rows to write (.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairing and the label draws")
     parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="WorldConfig fields")
+    parser.add_argument(
+        "--edit-pairs", action="store_true", help="also pair each distinct answer with a one-word edit of itself"
+    )
     args = parser.parse_args(argv)
     try:
         world = World(world_from_overrides(args.world))
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, path in enumerate(args.samples):
         if not Path(path).is_file():
             parser.error(f"no samples file at {path!r} (expected a per_prompt.jsonl)")
-        rows += annotate_samples(world, read_samples(path), seed=args.seed * 1000 + index)
+        rows += annotate_samples(world, read_samples(path), seed=args.seed * 1000 + index, edit_pairs=args.edit_pairs)
     write_rows(rows, args.out)
     print(f"{len(rows)} preference rows from {len(args.samples)} sample file(s) -> {args.out}")
 

@@ -287,6 +287,30 @@ EDITS: tuple[str, ...] = ("add", "drop", "repeat", "swap_off_topic")
 #: An edit that ``edit_response`` also accepts but never draws by itself (``WorldConfig.preference_topic_swap_prob``).
 TOPIC_SWAP = "swap_topic"
 
+#: An edit that ``edit_response`` also accepts but never draws by itself (``annotate.annotate_samples``'s edit pairs):
+#: a repeated on-topic content word made distinct.
+VARY = "vary"
+
+#: Every edit ``edit_response`` accepts.
+ALL_EDITS: tuple[str, ...] = (*EDITS, TOPIC_SWAP, VARY)
+
+
+def vary_choices(topic: Topic, words: Sequence[str]) -> list[tuple[int, list[str]]]:
+    """Where a :data:`VARY` edit can act.
+
+    Returns:
+        ``(i, unused)`` for each later occurrence ``words[i]`` of a repeated content word of ``topic``, with the words
+        of the same kind (detail, safe_alt) of the topic that ``words`` lacks (positions with none left are skipped).
+    """
+    used = set(words)
+    choices = []
+    for i, word in enumerate(words):
+        if word in topic.content and word in words[:i]:
+            unused = [w for w in (topic.detail if word in topic.detail else topic.safe_alt) if w not in used]
+            if unused:
+                choices.append((i, unused))
+    return choices
+
 
 def edit_response(
     topic: Topic, response: str, rng: random.Random, other_topics: Sequence[Topic], edit: str | None = None
@@ -298,19 +322,22 @@ def edit_response(
     ``swap_off_topic``: replace one word by a content word of another topic; ``swap_topic`` (:data:`TOPIC_SWAP`,
     only when asked for): replace one *content* word of the prompt's topic by a word of the same kind (detail for
     detail, safe_alt for safe_alt) of another topic, so that the pair differs only in whether that word belongs to
-    the prompt's topic. A response without words (empty or a refusal) always gets ``add``; one without content words
-    cannot get ``repeat`` or ``swap_topic`` and gets ``add`` instead.
+    the prompt's topic; ``vary`` (:data:`VARY`, only when asked for): replace a later occurrence of a repeated content
+    word of the prompt's topic by a word of the same kind of that topic that the response lacks, so that the pair
+    differs only in whether the answer says one thing twice or two things (``R*`` counts distinct words). A response
+    without words (empty or a refusal) always gets ``add``; one without content words cannot get ``repeat`` or
+    ``swap_topic`` and gets ``add`` instead, and one without a repeated content word to vary gets ``add`` too.
 
     Args:
         topic: The prompt's topic.
         response: The response to edit.
         rng: Source of randomness.
         other_topics: Topics an off-topic word may come from.
-        edit: One of :data:`EDITS` or :data:`TOPIC_SWAP`, or ``None`` to draw one of :data:`EDITS` uniformly.
+        edit: One of :data:`ALL_EDITS`, or ``None`` to draw one of :data:`EDITS` uniformly.
     """
     edit = edit if edit is not None else rng.choice(EDITS)
-    if edit not in (*EDITS, TOPIC_SWAP):
-        raise ValueError(f"unknown edit {edit!r}; expected one of {(*EDITS, TOPIC_SWAP)}")
+    if edit not in ALL_EDITS:
+        raise ValueError(f"unknown edit {edit!r}; expected one of {ALL_EDITS}")
     words = [] if response == REFUSAL else response.split()
     content = [i for i, w in enumerate(words) if w in topic.content]
     others = [t for t in other_topics if t.index != topic.index]
@@ -318,6 +345,7 @@ def edit_response(
         not words
         or (edit in ("repeat", TOPIC_SWAP) and not content)
         or (edit in ("swap_off_topic", TOPIC_SWAP) and not others)
+        or (edit == VARY and not vary_choices(topic, words))
     ):
         edit = "add"
     if edit == "add":
@@ -327,6 +355,9 @@ def edit_response(
     elif edit == "repeat":
         i = rng.choice(content)
         words.insert(i + 1, words[i])
+    elif edit == VARY:
+        i, unused = rng.choice(vary_choices(topic, words))
+        words[i] = rng.choice(unused)
     elif edit == TOPIC_SWAP:
         i = rng.choice(content)
         stray = rng.choice(others)
