@@ -55,7 +55,7 @@ def annotate_samples(
             gets that word varied (:data:`.generate.VARY`: one occurrence replaced by an unused word of the same
             kind), any other answer an edit drawn uniformly from :data:`.generate.EDITS` and
             :data:`.generate.TOPIC_SWAP`. Repeating a word that pays is the cheapest exploit of a learned reward
-            model that has not learnt that ``R*`` counts distinct words (docs/results.md, round 15); pairs against
+            model that has not learnt that ``R*`` counts distinct words (docs/results.md, round 14); pairs against
             other answers rarely isolate it. Off by default (the earlier rounds' rows exactly).
 
     Returns:
