@@ -115,6 +115,9 @@ def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 * 3 and [r["prompt"] for r in rows[::3]] == prompts  # 1 policy pair + 2 reference pairs
     assert "15 preference rows" in capsys.readouterr().out
+    main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3", "--edit-pairs"])
+    assert len(out.read_text().splitlines()) == 5 * 5  # and one edit pair per distinct answer
+    assert "25 preference rows" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": prompts[0], "responses": []}) + "\n")
     with pytest.raises(DataValidationError, match=r"bad.jsonl: row 0: .*non-empty list 'responses'"):
