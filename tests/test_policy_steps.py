@@ -266,3 +266,55 @@ def test_ppo_update_averages_statistics_as_python_floats_did(monkeypatch):
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" and v.dim() == 0 for v in stats.values())
     assert stats["policy_loss"].item() == 0.5
     assert torch.equal(stats["entropy"], torch.tensor(sum(float(torch.tensor(5.0).log()) for _ in range(4)) / 4))
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.5])
+def test_entropy_bonus_moves_a_policy_whose_samples_are_all_the_same(monkeypatch, coef):
+    # Two identical samples of one prompt: zero advantage, so the clipped policy loss has no gradient. Only the
+    # entropy bonus -coef * H moves the (peaked) policy, and it moves it towards a flatter distribution.
+    from types import SimpleNamespace
+
+    from repo_lightning.modules import policy_steps
+    from repo_lightning.modules.policy_config import PPOUpdate
+    from repo_lightning.modules.policy_steps import Advantages, ppo_update
+    from repo_lightning.rl.losses import entropy_from_logits
+
+    theta = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0], requires_grad=True)
+    monkeypatch.setattr(policy_steps, "response_logits", lambda actor, seq, attn, p: theta.expand(len(seq), 2, 5))
+    rollout = _rollout([1.0, 1.0], [0.0, 0.0], [True, True])  # response tokens are id 0, the likely one
+    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
+    losses = []
+
+    def sgd_step(loss):
+        losses.append(loss.detach())
+        theta.grad = None
+        loss.backward()
+        with torch.no_grad():
+            theta.sub_(1.0 * theta.grad)
+
+    mask = torch.ones(1, 2)
+    before = entropy_from_logits(theta.detach().expand(1, 2, 5), mask).item()
+    p = torch.softmax(theta.detach(), 0)
+    stats = ppo_update(
+        models,
+        rollout,
+        Advantages(torch.zeros(2, 2), None, None, None),
+        PPOUpdate(minibatch_size=2, entropy_coef=coef),
+        Estimation(),
+        sgd_step,
+    )
+    after = entropy_from_logits(theta.detach().expand(1, 2, 5), mask).item()
+    assert before == pytest.approx(-(p * p.log()).sum().item())
+    assert losses[0].item() == pytest.approx(-coef * before, abs=1e-6)  # the policy loss itself is 0
+    assert stats["entropy"].item() == pytest.approx(before)
+    if coef == 0.0:
+        assert after == before  # no gradient: the trap the bonus is for
+    else:
+        assert after > before + 0.03  # 0.344 -> 0.386 nats after one step of size 1
+
+
+def test_entropy_coef_must_not_be_negative():
+    from repo_lightning.modules.policy_config import PPOUpdate
+
+    with pytest.raises(ConfigError, match="update.entropy_coef must be >= 0"):
+        PPOUpdate(entropy_coef=-0.1)

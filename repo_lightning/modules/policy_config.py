@@ -134,6 +134,10 @@ class PPOUpdate:
             where its class and the parameters' device support it, else warn and keep it unfused. The same update
             up to float rounding (not bit for bit: AdamW on CPU differs by up to 1 ulp a step), hence off by
             default. An explicit ``fused`` in the optimizer's own ``init_args`` takes precedence.
+        entropy_coef: Weight ``c_H`` of an entropy bonus: the actor's loss gets ``- c_H * H``, the masked mean
+            per-token entropy of the policy over the response (the ``entropy`` it logs). ``0`` (default) adds
+            nothing. It keeps a prompt whose ``k`` samples are all the same answer from getting no gradient at all
+            (identical samples get zero advantage under any baseline; docs/algorithm.md section 10).
     """
 
     ppo_epochs: int = 1
@@ -145,9 +149,11 @@ class PPOUpdate:
     actor_lr: float = 1e-5
     critic_lr: float = 5e-6
     fused_optimizer: bool = False
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         _at_least("update", "ppo_epochs", self.ppo_epochs, 1)
+        _at_least("update", "entropy_coef", self.entropy_coef, 0.0)
         _at_least("update", "minibatch_size", self.minibatch_size, 1)
         _positive("update", "clip_ratio", self.clip_ratio)
         if self.value_clip is not None:

@@ -163,8 +163,13 @@ def ppo_update(
                 value_loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mask, update.value_clip)
                 loss = loss + update.value_loss_coef * value_loss
                 step[f"value_loss_{name}"] = value_loss
-            with torch.no_grad():
-                step["entropy"] = entropy_from_logits(logits.detach(), mask)
+            if update.entropy_coef > 0:
+                entropy = entropy_from_logits(logits, mask)
+                loss = loss - update.entropy_coef * entropy
+                step["entropy"] = entropy.detach()
+            else:
+                with torch.no_grad():
+                    step["entropy"] = entropy_from_logits(logits.detach(), mask)
             optimizer_step(loss)
             for key, value in step.items():
                 value = value.detach().to(_accumulator_dtype(value.device))
