@@ -137,7 +137,8 @@ class PPOUpdate:
         entropy_coef: Weight ``c_H`` of an entropy bonus: the actor's loss gets ``- c_H * H``, the masked mean
             per-token entropy of the policy over the response (the ``entropy`` it logs). ``0`` (default) adds
             nothing. It keeps a prompt whose ``k`` samples are all the same answer from getting no gradient at all
-            (identical samples get zero advantage under any baseline; docs/algorithm.md section 10).
+            (identical samples get zero advantage under any baseline; docs/algorithm.md section 10). At 0.01 and
+            0.03 it did not remove RePO's refusal collapse on SafetyWorld (docs/results.md, round 16).
     """
 
     ppo_epochs: int = 1
