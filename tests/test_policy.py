@@ -506,6 +506,24 @@ def test_fused_optimizer_option_builds_fused_adamw_for_actor_and_critics(tmp_pat
     assert cli.model.hparams["update"]["fused_optimizer"] is True
 
 
+def test_entropy_coef_from_the_config_puts_the_entropy_bonus_in_the_actor_loss(
+    tmp_path, tiny_exports, tiny_world_config, monkeypatch
+):
+    import repo_lightning.modules.policy_steps as steps_module
+
+    with_grad = []
+    entropy = steps_module.entropy_from_logits
+
+    def recording(logits, mask):
+        with_grad.append(logits.requires_grad and torch.is_grad_enabled())
+        return entropy(logits, mask)
+
+    monkeypatch.setattr(steps_module, "entropy_from_logits", recording)
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model={"update": {"entropy_coef": 0.5}}))
+    assert cli.model.hparams["update"]["entropy_coef"] == 0.5
+    assert with_grad and all(with_grad)  # differentiated in every minibatch (0, the default, only logs it)
+
+
 def test_logprobs_from_generation_skips_the_actor_forward(tmp_path, tiny_exports, tiny_world_config, monkeypatch):
     import repo_lightning.modules.rollout as rollout_module
 
