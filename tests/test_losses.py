@@ -162,6 +162,24 @@ def test_ppo_policy_loss_by_hand():
     assert grad[0, 1] == 0 and grad[0, 2] == 0 and grad[1, 1] == 0 and grad[1, 2] == 0
 
 
+def test_ppo_policy_loss_clip_higher_by_hand():
+    logprobs, old, advantages, mask = _ppo_inputs()
+    # eps 0.2, eps_high 0.6: clip(rho) to [0.8, 1.6]; only the upper bound moves, so only (0,1) changes:
+    # (0,1) rho 1.5, A 1: min(1.5, 1.5) = 1.5 (now inside the clip, gets gradient); the rest as in the test above
+    # loss = -(2 + 1.5 - 0.8 + 1.1 - 1.6) / 5 = -0.44
+    loss, stats = ppo_policy_loss(logprobs, old, advantages, mask, clip_ratio=0.2, clip_ratio_high=0.6)
+    assert loss.item() == pytest.approx(-0.44, abs=1e-6)
+    # outside [0.8, 1.6]: (0,2) rho 0.5 and (1,1) rho 0.7 -> 2/5
+    assert stats["clipfrac"].item() == pytest.approx(0.4)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad[0, 1], torch.tensor(-1.5 / 5))
+    assert logprobs.grad[0, 2] == 0 and logprobs.grad[1, 1] == 0
+    # eps_high == eps is the symmetric clip exactly
+    logprobs2, *_ = _ppo_inputs()
+    same, _ = ppo_policy_loss(logprobs2, old, advantages, mask, clip_ratio=0.2, clip_ratio_high=0.2)
+    assert same.item() == pytest.approx(-0.38, abs=1e-6)
+
+
 def test_ppo_policy_loss_wide_clip_is_vanilla_surrogate():
     logprobs, old, advantages, mask = _ppo_inputs()
     loss, stats = ppo_policy_loss(logprobs, old, advantages, mask, clip_ratio=10.0)

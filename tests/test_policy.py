@@ -524,6 +524,24 @@ def test_entropy_coef_from_the_config_puts_the_entropy_bonus_in_the_actor_loss(
     assert with_grad and all(with_grad)  # differentiated in every minibatch (0, the default, only logs it)
 
 
+def test_clip_ratio_high_from_the_config_reaches_the_policy_loss(
+    tmp_path, tiny_exports, tiny_world_config, monkeypatch
+):
+    import repo_lightning.modules.policy_steps as steps_module
+
+    clips = []
+    loss_fn = steps_module.ppo_policy_loss
+
+    def recording(*args):
+        clips.append(args[4:])
+        return loss_fn(*args)
+
+    monkeypatch.setattr(steps_module, "ppo_policy_loss", recording)
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model={"update": {"clip_ratio_high": 0.28}}))
+    assert cli.model.hparams["update"]["clip_ratio_high"] == 0.28
+    assert clips and set(clips) == {(0.2, 0.28)}
+
+
 def test_logprobs_from_generation_skips_the_actor_forward(tmp_path, tiny_exports, tiny_world_config, monkeypatch):
     import repo_lightning.modules.rollout as rollout_module
 

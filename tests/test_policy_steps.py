@@ -243,7 +243,8 @@ def test_ppo_update_averages_statistics_as_python_floats_did(monkeypatch):
     losses = iter([1e8, 1.0, -1e8, 1.0])
     zero = torch.tensor(0.0)
 
-    def fake_policy_loss(logprobs, old, advantages, mask, clip):
+    def fake_policy_loss(logprobs, old, advantages, mask, clip, clip_high):
+        assert (clip, clip_high) == (0.2, None)
         return torch.tensor(next(losses)) + 0.0 * logprobs.sum(), {"clipfrac": zero, "approx_kl": zero}
 
     monkeypatch.setattr(policy_steps, "ppo_policy_loss", fake_policy_loss)
@@ -311,6 +312,43 @@ def test_entropy_bonus_moves_a_policy_whose_samples_are_all_the_same(monkeypatch
         assert after == before  # no gradient: the trap the bonus is for
     else:
         assert after > before + 0.03  # 0.344 -> 0.386 nats after one step of size 1
+
+
+def test_clip_ratio_high_reaches_the_policy_loss_and_is_checked(monkeypatch):
+    # update.clip_ratio_high widens only the upper clip of the ratio: a sample whose ratio is already above 1 + eps
+    # keeps its gradient up to 1 + eps_high.
+    from types import SimpleNamespace
+
+    from repo_lightning.modules import policy_steps
+    from repo_lightning.modules.policy_config import PPOUpdate
+    from repo_lightning.modules.policy_steps import Advantages, ppo_update
+
+    theta = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0], requires_grad=True)
+    monkeypatch.setattr(policy_steps, "response_logits", lambda actor, seq, attn, p: theta.expand(len(seq), 2, 5))
+    old = float(torch.tensor(0.2).log()) - 0.3  # the policy is uniform over 5 now: rho = exp(0.3) = 1.35
+    rollout = _rollout([1.0, 1.0], [0.0, 0.0], [True, True], logprobs=[[old, old], [old, old]])  # tokens: id 0
+    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
+    grads = {}
+    for high in (None, 0.5):
+
+        def step(loss, high=high):
+            theta.grad = None
+            loss.backward()
+            grads[high] = theta.grad.clone()
+
+        ppo_update(
+            models,
+            rollout,
+            Advantages(torch.ones(2, 2), None, None, None),
+            PPOUpdate(minibatch_size=2, clip_ratio_high=high),
+            Estimation(),
+            step,
+        )
+    assert torch.count_nonzero(grads[None]) == 0  # 1.35 > 1.2: clipped, no gradient
+    # 1.35 < 1.5: d(-rho A)/dtheta_0 = -rho (1 - p0) = -1.35 * 0.8 on each token, mean over 4 tokens
+    assert grads[0.5][0].item() == pytest.approx(-float(torch.tensor(0.3).exp()) * 0.8, rel=1e-5)
+    with pytest.raises(ConfigError, match="update.clip_ratio_high must be >= 0.2"):
+        PPOUpdate(clip_ratio_high=0.1)
 
 
 def test_entropy_coef_must_not_be_negative():

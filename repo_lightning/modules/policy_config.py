@@ -124,7 +124,11 @@ class PPOUpdate:
     Attributes:
         ppo_epochs: Passes over each rollout batch.
         minibatch_size: Samples per minibatch.
-        clip_ratio: PPO ratio clip ``eps``.
+        clip_ratio: PPO ratio clip ``eps``: the ratio is clipped to ``[1 - eps, 1 + eps]``.
+        clip_ratio_high: A larger upper clip ``eps_high`` (``[1 - eps, 1 + eps_high]``), DAPO's "clip-higher"
+            (Yu et al. 2025): a sample the rollout policy gave little probability can gain more of it in one
+            rollout's update, which slows the collapse of a prompt's samples onto one answer (algorithm.md
+            section 5.5). ``None`` (default): ``eps``, the symmetric clip.
         value_clip: Critic value clip ``eps_v``; ``None`` disables.
         value_loss_coef: Weight of the critics' value losses in the joint loss.
         max_grad_norm: Gradient-norm clip over all trained parameters; ``None`` disables.
@@ -144,6 +148,7 @@ class PPOUpdate:
     ppo_epochs: int = 1
     minibatch_size: int = 64
     clip_ratio: float = 0.2
+    clip_ratio_high: float | None = None
     value_clip: float | None = 5.0
     value_loss_coef: float = 1.0
     max_grad_norm: float | None = 1.0
@@ -157,6 +162,8 @@ class PPOUpdate:
         _at_least("update", "entropy_coef", self.entropy_coef, 0.0)
         _at_least("update", "minibatch_size", self.minibatch_size, 1)
         _positive("update", "clip_ratio", self.clip_ratio)
+        if self.clip_ratio_high is not None:
+            _at_least("update", "clip_ratio_high", self.clip_ratio_high, self.clip_ratio)
         if self.value_clip is not None:
             _positive("update", "value_clip", self.value_clip)
         _at_least("update", "value_loss_coef", self.value_loss_coef, 0.0)

@@ -144,7 +144,12 @@ def ppo_update(
             logits = response_logits(models.actor, seq, attn, p)
             logprobs = logprobs_from_logits(logits, seq[:, p:])
             policy_loss, stats = ppo_policy_loss(
-                logprobs, rollout.logprobs[idx], targets.advantages[idx], mask, update.clip_ratio
+                logprobs,
+                rollout.logprobs[idx],
+                targets.advantages[idx],
+                mask,
+                update.clip_ratio,
+                update.clip_ratio_high,
             )
             loss = policy_loss
             step = {"policy_loss": policy_loss, "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"]}

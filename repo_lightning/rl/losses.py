@@ -152,23 +152,31 @@ def cost_model_loss(
 
 
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_ratio: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_ratio: float,
+    clip_ratio_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate for the actor (Schulman et al. 2017, Eq. 7; algorithm.md section 5).
 
-    ``loss = -masked_mean(min(rho A, clip(rho, 1 - eps, 1 + eps) A))`` with ``rho = exp(logp - logp_old)``,
-    averaged over all response tokens of the batch.
+    ``loss = -masked_mean(min(rho A, clip(rho, 1 - eps, 1 + eps_high) A))`` with ``rho = exp(logp - logp_old)``,
+    averaged over all response tokens of the batch; ``eps_high = eps`` unless ``clip_ratio_high`` is given (DAPO's
+    decoupled "clip-higher", Yu et al. 2025, arXiv 2503.14476, section 3.1: a larger upper bound lets a token the
+    rollout policy gave little probability rise further in one rollout's update).
 
     Args:
         logprobs: ``[B, T]`` log-probabilities of the sampled tokens under the current policy (with grad).
         old_logprobs: ``[B, T]`` the same under the rollout policy.
         advantages: ``[B, T]`` per-token advantages.
         mask: ``[B, T]`` bool or 0/1, true on response tokens.
-        clip_ratio: ``eps``.
+        clip_ratio: ``eps``, the lower clip ``1 - eps`` (and the upper one unless ``clip_ratio_high`` is set).
+        clip_ratio_high: ``eps_high``, the upper clip ``1 + eps_high``; ``None`` for ``eps``.
 
     Returns:
-        ``(loss, stats)``: scalar loss; detached stats ``clipfrac`` (fraction of tokens with
-        ``|rho - 1| > eps``), ``approx_kl`` (the ``k3`` estimator ``(rho - 1) - log rho`` of
+        ``(loss, stats)``: scalar loss; detached stats ``clipfrac`` (fraction of tokens with ``rho`` outside
+        ``[1 - eps, 1 + eps_high]``), ``approx_kl`` (the ``k3`` estimator ``(rho - 1) - log rho`` of
         ``KL(pi_old || pi)``, unbiased and non-negative under samples from ``pi_old``; Schulman,
         "Approximating KL divergence", 2020) and ``ratio`` (mean ``rho``), all masked means.
     """
@@ -176,12 +184,13 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     advantages = advantages.float()
     surrogate = ratio * advantages
-    clipped_surrogate = torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
+    low, high = 1.0 - clip_ratio, 1.0 + (clip_ratio if clip_ratio_high is None else clip_ratio_high)
+    clipped_surrogate = torch.clamp(ratio, low, high) * advantages
     loss = -masked_mean(torch.minimum(surrogate, clipped_surrogate), mask)
 
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean(((ratio - 1.0).abs() > clip_ratio).float(), mask),
+            "clipfrac": masked_mean(((ratio < low) | (ratio > high)).float(), mask),
             "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
