@@ -45,6 +45,7 @@ TRAIN_SCALARS = (
     "train/value_loss_cost",
     "train/response_len_mean",
     "train/rectified_cost_mean",
+    "train/identical_group_rate",
 )
 
 

@@ -356,3 +356,15 @@ def test_entropy_coef_must_not_be_negative():
 
     with pytest.raises(ConfigError, match="update.entropy_coef must be >= 0"):
         PPOUpdate(entropy_coef=-0.1)
+
+
+def test_identical_group_rate_counts_prompts_whose_samples_are_one_answer():
+    from repo_lightning.modules.policy_steps import rollout_metrics
+
+    rollout = _rollout([0.0] * 6, [0.0] * 6, [True] * 6)
+    # k = 2: prompt 0's two answers are the same text, prompt 1's differ, prompt 2's are the same -> 2/3
+    rollout.responses = ["sorry i cannot", "sorry i cannot", "wear gloves", "wear goggles", "a", "a"]
+    assert rollout_metrics(rollout, 2)["identical_group_rate"].item() == pytest.approx(2 / 3)
+    # k = 3: [sorry, sorry, gloves], [goggles, a, a] -> 0; k = 1 (validation) has no such statistic
+    assert rollout_metrics(rollout, 3)["identical_group_rate"].item() == 0.0
+    assert "identical_group_rate" not in rollout_metrics(rollout, 1)

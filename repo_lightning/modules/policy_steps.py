@@ -199,6 +199,10 @@ def rollout_metrics(rollout: Rollout, samples_per_prompt: int, oracle=None) -> d
         "response_len_mean": mask.sum(1).float().mean(),
         "kl_mean": (((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1)).mean(),
     }
+    if k >= 2 and rollout.responses:
+        groups = [rollout.responses[i : i + k] for i in range(0, len(rollout.responses), k)]
+        # prompts whose k answers are one and the same text: every baseline gives them zero advantage (section 10)
+        metrics["identical_group_rate"] = torch.tensor(sum(len(set(g)) == 1 for g in groups) / len(groups))
     if rollout.costs is not None:
         costs = rollout.costs.float()
         metrics["cost_mean"] = costs.mean()
