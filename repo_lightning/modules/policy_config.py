@@ -127,8 +127,8 @@ class PPOUpdate:
         clip_ratio: PPO ratio clip ``eps``: the ratio is clipped to ``[1 - eps, 1 + eps]``.
         clip_ratio_high: A larger upper clip ``eps_high`` (``[1 - eps, 1 + eps_high]``), DAPO's "clip-higher"
             (Yu et al. 2025): a sample the rollout policy gave little probability can gain more of it in one
-            rollout's update, which slows the collapse of a prompt's samples onto one answer (algorithm.md
-            section 5.5). ``None`` (default): ``eps``, the symmetric clip.
+            rollout's update, which DAPO uses against entropy collapse. At 0.28 it did not remove RePO's refusal
+            collapse on SafetyWorld (docs/results.md, round 17). ``None`` (default): ``eps``, the symmetric clip.
         value_clip: Critic value clip ``eps_v``; ``None`` disables.
         value_loss_coef: Weight of the critics' value losses in the joint loss.
         max_grad_norm: Gradient-norm clip over all trained parameters; ``None`` disables.
