@@ -543,6 +543,37 @@ def test_clip_ratio_high_from_the_config_reaches_the_policy_loss(
     assert clips and set(clips) == {(0.2, 0.28)}
 
 
+def test_warmup_temperature_samples_the_first_iterations_hotter(tmp_path, tiny_exports, tiny_world_config, monkeypatch):
+    from repo_lightning.modules import PolicyModule
+
+    temperatures = []
+    rollout = PolicyModule._rollout
+
+    def recording(self, batch, k, temperature, with_values=True):
+        temperatures.append(temperature)
+        return rollout(self, batch, k, temperature, with_values)
+
+    monkeypatch.setattr(PolicyModule, "_rollout", recording)
+    model = {"sampling": {"warmup_temperature": 1.5, "warmup_iterations": 2}}
+    cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model, trainer={"max_steps": 3}))
+    assert int(cli.model.iteration) == 3
+    assert temperatures == [1.5, 1.5, 1.0]  # training rollouts only; then the configured temperature
+
+
+def test_warmup_temperature_and_iterations_go_together():
+    from repo_lightning.errors import ConfigError
+    from repo_lightning.modules.policy_config import Sampling
+
+    with pytest.raises(ConfigError, match="sampling.warmup_temperature and .*warmup_iterations go together"):
+        Sampling(warmup_iterations=10)
+    with pytest.raises(ConfigError, match="go together"):
+        Sampling(warmup_temperature=1.3)
+    with pytest.raises(ConfigError, match="sampling.warmup_temperature must be > 0"):
+        Sampling(warmup_temperature=0.0, warmup_iterations=3)
+    assert Sampling(warmup_temperature=1.3, warmup_iterations=2).training_temperature(1) == 1.3
+    assert Sampling(warmup_temperature=1.3, warmup_iterations=2).training_temperature(2) == 1.0
+
+
 def test_logprobs_from_generation_skips_the_actor_forward(tmp_path, tiny_exports, tiny_world_config, monkeypatch):
     import repo_lightning.modules.rollout as rollout_module
 

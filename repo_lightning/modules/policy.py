@@ -293,7 +293,7 @@ class PolicyModule(L.LightningModule):
         """One RLHF iteration: rollout, advantages, PPO epochs, dual update, logging."""
         k = self.sampling.samples_per_prompt
         self._seed_iteration()
-        rollout = self._rollout(batch, k, self.sampling.temperature)
+        rollout = self._rollout(batch, k, self.sampling.training_temperature(int(self.iteration)))
         self.last_rollout = rollout  # read by callbacks (TensorBoardViews' sampled-responses panel)
         scored = {
             "rewards": (rollout.rewards, "reward_model"),

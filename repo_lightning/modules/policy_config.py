@@ -52,6 +52,12 @@ class Sampling:
             KV-cached incremental passes and one full pass (about 1e-6 in float32), so the first minibatch's ratio
             is 1 only to that precision; holds ``N x T x vocabulary`` float32 logits during generation. Off by
             default (runs stay bit for bit as before).
+        warmup_temperature: Sampling temperature of the training rollouts of the first ``warmup_iterations``
+            iterations, ``temperature`` after; ``None`` (default): no warm-up. Exploration, and off-policy (the
+            ratio and the KL use the untempered log-probabilities): at 1.3 for the first quarter of the run it kept
+            RePO's policies on SafetyWorld out of the refusal collapse on 3 of 3 seeds of one reward model
+            (docs/results.md, round 17; algorithm.md section 10). Validation and evaluation never use it.
+        warmup_iterations: How many iterations (rollouts) sample at ``warmup_temperature``; needs it set.
     """
 
     samples_per_prompt: int = 4
@@ -60,6 +66,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     logprobs_from_generation: bool = False
+    warmup_temperature: float | None = None
+    warmup_iterations: int = 0
 
     def __post_init__(self) -> None:
         _at_least("sampling", "samples_per_prompt", self.samples_per_prompt, 1)
@@ -68,6 +76,21 @@ class Sampling:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"model.init_args.sampling.top_p must be in (0, 1], got {self.top_p}")
         _at_least("sampling", "top_k", self.top_k, 0)
+        _at_least("sampling", "warmup_iterations", self.warmup_iterations, 0)
+        if self.warmup_temperature is not None:
+            _positive("sampling", "warmup_temperature", self.warmup_temperature)
+        if (self.warmup_temperature is None) != (self.warmup_iterations == 0):
+            raise ConfigError(
+                "model.init_args.sampling.warmup_temperature and model.init_args.sampling.warmup_iterations go "
+                f"together: got warmup_temperature={self.warmup_temperature}, warmup_iterations="
+                f"{self.warmup_iterations} (set both, or neither)"
+            )
+
+    def training_temperature(self, iteration: int) -> float:
+        """The sampling temperature of the training rollout of 0-based ``iteration``."""
+        if self.warmup_temperature is not None and iteration < self.warmup_iterations:
+            return self.warmup_temperature
+        return self.temperature
 
 
 @dataclass
