@@ -230,15 +230,22 @@ def test_repo_mix_all_gives_safe_samples_the_baseline_only_cost_advantage():
         RePO(mix="some")  # type: ignore[arg-type]
 
 
+def _ppo_update(rollout, advantages, update, step):
+    """``ppo_update`` on a rollout with no critics (the actor's logits are monkeypatched by the caller)."""
+    from types import SimpleNamespace
+
+    from repo_lightning.modules.policy_steps import Advantages, ppo_update
+
+    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
+    return ppo_update(models, rollout, Advantages(advantages, None, None, None), update, Estimation(), step)
+
+
 def test_ppo_update_averages_statistics_as_python_floats_did(monkeypatch):
     # Four minibatches whose policy losses sum exactly in float64 (0.5 mean) but not in float32 (1e8 + 1 == 1e8
     # there: 0.25): the statistics are accumulated as float64 tensors and read once, giving the old Python-float
     # numbers bit for bit.
-    from types import SimpleNamespace
-
     from repo_lightning.modules import policy_steps
     from repo_lightning.modules.policy_config import PPOUpdate
-    from repo_lightning.modules.policy_steps import Advantages, ppo_update
 
     losses = iter([1e8, 1.0, -1e8, 1.0])
     zero = torch.tensor(0.0)
@@ -252,16 +259,8 @@ def test_ppo_update_averages_statistics_as_python_floats_did(monkeypatch):
         policy_steps, "response_logits", lambda actor, seq, attn, p: torch.zeros(len(seq), 2, 5, requires_grad=True)
     )
     rollout = _rollout([0.0, 0.0], [0.0, 0.0], [True, True])
-    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
     steps = []
-    stats = ppo_update(
-        models,
-        rollout,
-        Advantages(torch.zeros(2, 2), None, None, None),
-        PPOUpdate(ppo_epochs=2, minibatch_size=1),
-        Estimation(),
-        steps.append,
-    )
+    stats = _ppo_update(rollout, torch.zeros(2, 2), PPOUpdate(ppo_epochs=2, minibatch_size=1), steps.append)
     assert len(steps) == 4
     assert set(stats) == {"policy_loss", "clipfrac", "approx_kl", "entropy"}
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" and v.dim() == 0 for v in stats.values())
@@ -273,17 +272,14 @@ def test_ppo_update_averages_statistics_as_python_floats_did(monkeypatch):
 def test_entropy_bonus_moves_a_policy_whose_samples_are_all_the_same(monkeypatch, coef):
     # Two identical samples of one prompt: zero advantage, so the clipped policy loss has no gradient. Only the
     # entropy bonus -coef * H moves the (peaked) policy, and it moves it towards a flatter distribution.
-    from types import SimpleNamespace
 
     from repo_lightning.modules import policy_steps
     from repo_lightning.modules.policy_config import PPOUpdate
-    from repo_lightning.modules.policy_steps import Advantages, ppo_update
     from repo_lightning.rl.losses import entropy_from_logits
 
     theta = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0], requires_grad=True)
     monkeypatch.setattr(policy_steps, "response_logits", lambda actor, seq, attn, p: theta.expand(len(seq), 2, 5))
     rollout = _rollout([1.0, 1.0], [0.0, 0.0], [True, True])  # response tokens are id 0, the likely one
-    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
     losses = []
 
     def sgd_step(loss):
@@ -296,14 +292,7 @@ def test_entropy_bonus_moves_a_policy_whose_samples_are_all_the_same(monkeypatch
     mask = torch.ones(1, 2)
     before = entropy_from_logits(theta.detach().expand(1, 2, 5), mask).item()
     p = torch.softmax(theta.detach(), 0)
-    stats = ppo_update(
-        models,
-        rollout,
-        Advantages(torch.zeros(2, 2), None, None, None),
-        PPOUpdate(minibatch_size=2, entropy_coef=coef),
-        Estimation(),
-        sgd_step,
-    )
+    stats = _ppo_update(rollout, torch.zeros(2, 2), PPOUpdate(minibatch_size=2, entropy_coef=coef), sgd_step)
     after = entropy_from_logits(theta.detach().expand(1, 2, 5), mask).item()
     assert before == pytest.approx(-(p * p.log()).sum().item())
     assert losses[0].item() == pytest.approx(-coef * before, abs=1e-6)  # the policy loss itself is 0
@@ -317,17 +306,14 @@ def test_entropy_bonus_moves_a_policy_whose_samples_are_all_the_same(monkeypatch
 def test_clip_ratio_high_reaches_the_policy_loss_and_is_checked(monkeypatch):
     # update.clip_ratio_high widens only the upper clip of the ratio: a sample whose ratio is already above 1 + eps
     # keeps its gradient up to 1 + eps_high.
-    from types import SimpleNamespace
 
     from repo_lightning.modules import policy_steps
     from repo_lightning.modules.policy_config import PPOUpdate
-    from repo_lightning.modules.policy_steps import Advantages, ppo_update
 
     theta = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0], requires_grad=True)
     monkeypatch.setattr(policy_steps, "response_logits", lambda actor, seq, attn, p: theta.expand(len(seq), 2, 5))
     old = float(torch.tensor(0.2).log()) - 0.3  # the policy is uniform over 5 now: rho = exp(0.3) = 1.35
     rollout = _rollout([1.0, 1.0], [0.0, 0.0], [True, True], logprobs=[[old, old], [old, old]])  # tokens: id 0
-    models = SimpleNamespace(actor=None, reward_critic=None, cost_critic=None)
     grads = {}
     for high in (None, 0.5):
 
@@ -336,14 +322,7 @@ def test_clip_ratio_high_reaches_the_policy_loss_and_is_checked(monkeypatch):
             loss.backward()
             grads[high] = theta.grad.clone()
 
-        ppo_update(
-            models,
-            rollout,
-            Advantages(torch.ones(2, 2), None, None, None),
-            PPOUpdate(minibatch_size=2, clip_ratio_high=high),
-            Estimation(),
-            step,
-        )
+        _ppo_update(rollout, torch.ones(2, 2), PPOUpdate(minibatch_size=2, clip_ratio_high=high), step)
     assert torch.count_nonzero(grads[None]) == 0  # 1.35 > 1.2: clipped, no gradient
     # 1.35 < 1.5: d(-rho A)/dtheta_0 = -rho (1 - p0) = -1.35 * 0.8 on each token, mean over 4 tokens
     assert grads[0.5][0].item() == pytest.approx(-float(torch.tensor(0.3).exp()) * 0.8, rel=1e-5)
