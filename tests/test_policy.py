@@ -549,15 +549,60 @@ def test_warmup_temperature_samples_the_first_iterations_hotter(tmp_path, tiny_e
     temperatures = []
     rollout = PolicyModule._rollout
 
-    def recording(self, batch, k, temperature, with_values=True):
+    def recording(self, batch, k, temperature, with_values=True, **kwargs):
         temperatures.append(temperature)
-        return rollout(self, batch, k, temperature, with_values)
+        return rollout(self, batch, k, temperature, with_values, **kwargs)
 
     monkeypatch.setattr(PolicyModule, "_rollout", recording)
     model = {"sampling": {"warmup_temperature": 1.5, "warmup_iterations": 2}}
     cli = _fit(_policy_config(tmp_path, tiny_exports, tiny_world_config, model=model, trainer={"max_steps": 3}))
     assert int(cli.model.iteration) == 3
     assert temperatures == [1.5, 1.5, 1.0]  # training rollouts only; then the configured temperature
+
+
+def test_resample_identical_temperature_reaches_the_training_rollouts_only(
+    tmp_path, tiny_exports, tiny_world_config, monkeypatch
+):
+    from repo_lightning.modules import PolicyModule
+
+    seen = []
+    rollout = PolicyModule._rollout
+
+    def recording(self, batch, k, temperature, with_values=True, resample_temperature=None):
+        seen.append((with_values, resample_temperature))
+        return rollout(self, batch, k, temperature, with_values, resample_temperature)
+
+    monkeypatch.setattr(PolicyModule, "_rollout", recording)
+    model = {"sampling": {"resample_identical_temperature": 1.6}}
+    trainer = {"max_steps": 2, "limit_val_batches": 1, "val_check_interval": 1}
+    config = _policy_config(
+        tmp_path, tiny_exports, tiny_world_config, model=model, trainer=trainer, data={"val_fraction": 0.3}
+    )
+    cli = _fit(config)
+    assert cli.model.hparams["sampling"]["resample_identical_temperature"] == 1.6
+    assert (True, 1.6) in seen and (False, None) in seen  # training rollouts resample; validation ones never
+    assert all(resample == 1.6 for values, resample in seen if values)
+    assert all(resample is None for values, resample in seen if not values)
+    rates = _scalars(str(tmp_path / "logs" / "policy" / "version_0"))["train/resampled_group_rate"]
+    assert len(rates) == 2 and all(0.0 <= r <= 1.0 for r in rates)
+
+
+def test_resample_identical_temperature_is_refused_with_a_sharded_actor(tiny_exports):
+    from repo_lightning.errors import ConfigError
+    from repo_lightning.modules import PolicyModule
+    from repo_lightning.objectives import PPO
+
+    module = PolicyModule(
+        actor_path=tiny_exports["sft"],
+        reward_model_path=tiny_exports["reward"],
+        tokenizer_path=tiny_exports["tokenizer"],
+        objective=PPO(),
+        sampling={"resample_identical_temperature": 1.6},
+    )
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(ConfigError, match="resample_identical_temperature does not work with a sharded actor"):
+        module.configure_model()
+    assert module.actor is None  # refused before any model was loaded
 
 
 def test_warmup_temperature_and_iterations_go_together():

@@ -58,7 +58,9 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
     "Helpfulness": {
         "reward: learned R and true R*": [r"^(train|val)/(true_)?reward_mean$"],
         "refusals (true)": [r"^(train|val)/refusal_rate$"],
-        "prompts whose k samples are all one answer (no gradient)": [r"^train/identical_group_rate$"],
+        "prompts whose k samples are all one answer (no gradient), and those sampled again hotter": [
+            r"^train/(identical|resampled)_group_rate$"
+        ],
         "KL to the reference (nats per response)": [r"^(train|val)/kl_mean$"],
         "response length (tokens)": [r"^(train|val)/response_len_mean$"],
     },

@@ -196,6 +196,11 @@ class PolicyModule(L.LightningModule):
             hp.critics,
         )
         self._sharded = self.device_mesh is not None
+        if self._sharded and self.sampling.resample_identical_temperature is not None:
+            raise ConfigError(
+                "model.init_args.sampling.resample_identical_temperature does not work with a sharded actor "
+                "(ModelParallelStrategy): the extra generate would run on some ranks only; unset it"
+            )
 
         def shard_frozen(model):
             shard_models(self.device_mesh, [], [model], sharding=self.memory.sharding)
@@ -251,7 +256,14 @@ class PolicyModule(L.LightningModule):
         return build_optimizer(self.optimizer, groups, fused=update.fused_optimizer)
 
     # ----------------------------------------------------------------------------------------------- train
-    def _rollout(self, batch: PromptBatch, k: int, temperature: float, with_values: bool = True) -> Rollout:
+    def _rollout(
+        self,
+        batch: PromptBatch,
+        k: int,
+        temperature: float,
+        with_values: bool = True,
+        resample_temperature: float | None = None,
+    ) -> Rollout:
         return collect_rollout(
             self.models,
             batch,
@@ -263,6 +275,7 @@ class PolicyModule(L.LightningModule):
             synced_gpus=self._sharded,
             scoring=self.scoring,
             oracle=self._oracle(),
+            resample_temperature=resample_temperature,
         )
 
     def _seed_iteration(self, salt: int = 0) -> None:
@@ -293,7 +306,9 @@ class PolicyModule(L.LightningModule):
         """One RLHF iteration: rollout, advantages, PPO epochs, dual update, logging."""
         k = self.sampling.samples_per_prompt
         self._seed_iteration()
-        rollout = self._rollout(batch, k, self.sampling.training_temperature(int(self.iteration)))
+        temperature = self.sampling.training_temperature(int(self.iteration))
+        resample = self.sampling.resample_identical_temperature
+        rollout = self._rollout(batch, k, temperature, resample_temperature=resample)
         self.last_rollout = rollout  # read by callbacks (TensorBoardViews' sampled-responses panel)
         scored = {
             "rewards": (rollout.rewards, "reward_model"),

@@ -58,6 +58,13 @@ class Sampling:
             RePO's policies on SafetyWorld out of the refusal collapse on 3 of 3 seeds of one reward model
             (docs/results.md, round 17; algorithm.md section 10). Validation and evaluation never use it.
         warmup_iterations: How many iterations (rollouts) sample at ``warmup_temperature``; needs it set.
+        resample_identical_temperature: Training rollouts only: a prompt whose ``k`` samples came out token for
+            token the same answer (zero advantage under every baseline, so no gradient: the refusal trap of
+            docs/results.md rounds 16-17) is sampled ``k`` times again, once, at this temperature, and the new
+            samples replace its old ones; the other prompts keep theirs. Off-policy for those prompts only, as
+            ``warmup_temperature`` is for all (the ratio and the KL use the untempered log-probabilities). Logged as
+            ``train/resampled_group_rate``. ``None`` (default): off. Needs ``samples_per_prompt >= 2``; not with a
+            sharded actor (the extra ``generate`` would run on some ranks only).
     """
 
     samples_per_prompt: int = 4
@@ -68,6 +75,7 @@ class Sampling:
     logprobs_from_generation: bool = False
     warmup_temperature: float | None = None
     warmup_iterations: int = 0
+    resample_identical_temperature: float | None = None
 
     def __post_init__(self) -> None:
         _at_least("sampling", "samples_per_prompt", self.samples_per_prompt, 1)
@@ -85,6 +93,13 @@ class Sampling:
                 f"together: got warmup_temperature={self.warmup_temperature}, warmup_iterations="
                 f"{self.warmup_iterations} (set both, or neither)"
             )
+        if self.resample_identical_temperature is not None:
+            _positive("sampling", "resample_identical_temperature", self.resample_identical_temperature)
+            if self.samples_per_prompt < 2:
+                raise ConfigError(
+                    "model.init_args.sampling.resample_identical_temperature needs samples_per_prompt >= 2 (it "
+                    f"compares the k samples of a prompt), got samples_per_prompt={self.samples_per_prompt}"
+                )
 
     def training_temperature(self, iteration: int) -> float:
         """The sampling temperature of the training rollout of 0-based ``iteration``."""

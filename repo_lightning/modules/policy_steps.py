@@ -203,6 +203,8 @@ def rollout_metrics(rollout: Rollout, samples_per_prompt: int, oracle=None) -> d
         groups = [rollout.responses[i : i + k] for i in range(0, len(rollout.responses), k)]
         # prompts whose k answers are one and the same text: every baseline gives them zero advantage (section 10)
         metrics["identical_group_rate"] = torch.tensor(sum(len(set(g)) == 1 for g in groups) / len(groups))
+    if rollout.resampled_groups is not None:  # before the resample; identical_group_rate counts those left after it
+        metrics["resampled_group_rate"] = rollout.resampled_groups.float().mean()
     if rollout.costs is not None:
         costs = rollout.costs.float()
         metrics["cost_mean"] = costs.mean()

@@ -42,6 +42,8 @@ class Rollout:
         prompts: ``N`` raw prompts (each repeated ``k`` times, consecutively).
         responses: ``N`` decoded responses.
         meta: ``N`` per-prompt extra fields.
+        resampled_groups: ``[B]`` bool, the prompts whose ``k`` identical samples were drawn again
+            (``sampling.resample_identical_temperature``), or ``None`` when the option is off.
     """
 
     sequences: Tensor
@@ -60,6 +62,7 @@ class Rollout:
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    resampled_groups: Tensor | None = None
 
     @property
     def response_ids(self) -> Tensor:
@@ -151,6 +154,43 @@ def sample_responses(
     return sequences, torch.cat([attention_mask, response_mask], dim=1), response_mask, logprobs
 
 
+def identical_groups(response_ids: Tensor, samples_per_prompt: int) -> Tensor:
+    """``[B]`` bool: the prompts whose ``k`` consecutive rows of ``response_ids [B * k, T]`` are token for token equal.
+
+    Rows are compared whole, pads after eos included (:func:`sample_responses` writes pad there), so two samples
+    count as one answer exactly when they are the same response.
+    """
+    groups = response_ids.view(-1, samples_per_prompt, response_ids.shape[1])
+    return (groups == groups[:, :1]).flatten(1).all(1)
+
+
+SampleTuple = tuple[Tensor, Tensor, Tensor, Tensor | None]
+
+
+def replace_samples(samples: SampleTuple, new: SampleTuple, rows: Tensor, pad_token_id: int) -> SampleTuple:
+    """:func:`sample_responses`' output ``samples`` with the rows where ``rows`` is true replaced by ``new``.
+
+    ``new`` holds those rows only, in order. The narrower response width is padded on the right (pad id, mask 0,
+    log-prob 0) to the wider one; log-probabilities are ``None`` unless both have them.
+    """
+    width = max(samples[0].shape[1], new[0].shape[1])
+    fills = (pad_token_id, 0, 0, 0.0)
+
+    def widen(part: SampleTuple) -> list[Tensor | None]:
+        return [
+            None if t is None else torch.nn.functional.pad(t, (0, width - part[0].shape[1]), value=fill)
+            for t, fill in zip(part, fills, strict=True)
+        ]
+
+    out, replacement = widen(samples), widen(new)
+    if out[3] is None or replacement[3] is None:
+        out[3] = replacement[3] = None
+    for t, r in zip(out, replacement, strict=True):
+        if t is not None:
+            t[rows] = r.to(t.dtype)
+    return tuple(out)
+
+
 def logprobs_from_step_logits(step_logits: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
     """``T`` per-step ``[N, V]`` logits (``generate``'s ``output.logits``) and ``[N, T]`` tokens -> ``[N, T]``.
 
@@ -226,6 +266,7 @@ def collect_rollout(
     synced_gpus: bool = False,
     scoring: Scoring | None = None,
     oracle=None,
+    resample_temperature: float | None = None,
 ) -> Rollout:
     """Sample ``k`` responses per prompt and record log-probs, values and scores (algorithm.md 5.1).
 
@@ -243,25 +284,39 @@ def collect_rollout(
             oracle); ``None``: the models.
         oracle: The data's ground truth (``helpfulness(prompt, response)``, ``harm(prompt, response)``); needed
             only for an ``oracle`` source.
+        resample_temperature: Sample the prompts whose ``k`` samples are all one answer again, once, at this
+            temperature (``sampling.resample_identical_temperature``, training only); ``None``: no resampling.
     """
     scoring = scoring or Scoring()
     tok = models.tokenizer
     input_ids = batch.input_ids.repeat_interleave(samples_per_prompt, 0)
     attention_mask = batch.attention_mask.repeat_interleave(samples_per_prompt, 0)
-    sequences, full_mask, response_mask, logprobs = sample_responses(
-        models.actor,
-        input_ids,
-        attention_mask,
-        sampling.max_new_tokens,
-        temperature,
-        sampling.top_p,
-        sampling.top_k,
-        tok.eos_token_id,
-        tok.pad_token_id,
-        synced_gpus=synced_gpus,
-        with_logprobs=sampling.logprobs_from_generation,
-    )
+
+    def sample(rows: Tensor | None, at: float) -> SampleTuple:
+        ids, mask = (input_ids, attention_mask) if rows is None else (input_ids[rows], attention_mask[rows])
+        return sample_responses(
+            models.actor,
+            ids,
+            mask,
+            sampling.max_new_tokens,
+            at,
+            sampling.top_p,
+            sampling.top_k,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            synced_gpus=synced_gpus,
+            with_logprobs=sampling.logprobs_from_generation,
+        )
+
+    samples = sample(None, temperature)
     prompt_length = input_ids.shape[1]
+    resampled = None
+    if resample_temperature is not None and samples_per_prompt >= 2:
+        resampled = identical_groups(samples[0][:, prompt_length:], samples_per_prompt)
+        if resampled.any():
+            rows = resampled.repeat_interleave(samples_per_prompt)
+            samples = replace_samples(samples, sample(rows, resample_temperature), rows, tok.pad_token_id)
+    sequences, full_mask, response_mask, logprobs = samples
     prompts = [p for p in batch.prompts for _ in range(samples_per_prompt)]
     meta = [m for m in (batch.meta or [{}] * len(batch.prompts)) for _ in range(samples_per_prompt)]
     responses = decode_responses(tok, sequences[:, prompt_length:], response_mask)
@@ -313,4 +368,5 @@ def collect_rollout(
         prompts=prompts,
         responses=responses,
         meta=meta,
+        resampled_groups=resampled,
     )
