@@ -54,9 +54,10 @@ class Sampling:
             default (runs stay bit for bit as before).
         warmup_temperature: Sampling temperature of the training rollouts of the first ``warmup_iterations``
             iterations, ``temperature`` after; ``None`` (default): no warm-up. Exploration, and off-policy (the
-            ratio and the KL use the untempered log-probabilities): at 1.3 for the first quarter of the run it kept
-            RePO's policies on SafetyWorld out of the refusal collapse on 3 of 3 seeds of one reward model
-            (docs/results.md, round 17; algorithm.md section 10). Validation and evaluation never use it.
+            ratio and the KL use the untempered log-probabilities): at 1.3 for the first quarter of the run, RePO's
+            policies on SafetyWorld fell into the refusal collapse in 1 of 9 runs (three reward models x three
+            seeds) against 6 of 9 without it (docs/results.md, rounds 17-18; algorithm.md section 10). Validation and
+            evaluation never use it.
         warmup_iterations: How many iterations (rollouts) sample at ``warmup_temperature``; needs it set.
         resample_identical_temperature: Training rollouts only: a prompt whose ``k`` samples came out token for
             token the same answer (zero advantage under every baseline, so no gradient: the refusal trap of
@@ -64,7 +65,9 @@ class Sampling:
             samples replace its old ones; the other prompts keep theirs. Off-policy for those prompts only, as
             ``warmup_temperature`` is for all (the ratio and the KL use the untempered log-probabilities). Logged as
             ``train/resampled_group_rate``. ``None`` (default): off. Needs ``samples_per_prompt >= 2``; not with a
-            sharded actor (the extra ``generate`` would run on some ranks only).
+            sharded actor (the extra ``generate`` would run on some ranks only). Measured at 1.5 on SafetyWorld
+            it did not prevent RePO's refusal collapse (5 of 9 runs collapsed, against 6 of 9 without it and 1 of 9
+            with the warm-up; docs/results.md, round 18).
     """
 
     samples_per_prompt: int = 4
