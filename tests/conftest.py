@@ -101,3 +101,18 @@ def tiny_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for name in ("sft", "reward", "cost"):
         tokenizer.save_pretrained(paths[name])
     return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_exports):
+    """A default ``PolicyModule`` on ``tiny_exports`` with its models loaded (treat as read-only)."""
+    from repo_lightning.modules import PolicyModule
+
+    module = PolicyModule(
+        actor_path=tiny_exports["sft"],
+        reward_model_path=tiny_exports["reward"],
+        cost_model_path=tiny_exports["cost"],
+        tokenizer_path=tiny_exports["tokenizer"],
+    )
+    module.configure_model()
+    return module

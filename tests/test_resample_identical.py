@@ -12,7 +12,6 @@ import torch
 import repo_lightning.modules.rollout as rollout_module
 from repo_lightning.data.collate import PromptExample, collate_prompts
 from repo_lightning.errors import ConfigError
-from repo_lightning.modules import PolicyModule
 from repo_lightning.modules.policy_config import Sampling
 from repo_lightning.modules.policy_steps import rollout_metrics
 from repo_lightning.modules.rollout import collect_rollout, identical_groups, replace_samples, response_logprobs
@@ -65,16 +64,9 @@ def test_sampling_checks_the_option():
     assert Sampling(resample_identical_temperature=1.5).resample_identical_temperature == 1.5
 
 
-@pytest.fixture(scope="module")
-def module(tiny_exports):
-    module = PolicyModule(
-        actor_path=tiny_exports["sft"],
-        reward_model_path=tiny_exports["reward"],
-        cost_model_path=tiny_exports["cost"],
-        tokenizer_path=tiny_exports["tokenizer"],
-    )
-    module.configure_model()
-    return module
+@pytest.fixture
+def module(tiny_policy):
+    return tiny_policy
 
 
 def _batch(tok, n: int = 2):

@@ -9,7 +9,6 @@ import torch
 import repo_lightning.modules.rollout as rollout_module
 from repo_lightning.data.collate import PromptExample, collate_prompts
 from repo_lightning.models.backbone import load_causal_lm
-from repo_lightning.modules import PolicyModule
 from repo_lightning.modules.policy_config import Sampling
 from repo_lightning.modules.rollout import collect_rollout, response_logits, response_logprobs, sample_responses
 from repo_lightning.text.tokenizers import load_tokenizer
@@ -105,14 +104,8 @@ def test_generation_logprobs_are_the_forward_logprobs(tiny_exports, family, temp
         assert (shifted[on] - forward[on]).abs().max() > 1e-2
 
 
-def test_collect_rollout_with_the_option_changes_only_logprobs_by_rounding(tiny_exports, monkeypatch):
-    module = PolicyModule(
-        actor_path=tiny_exports["sft"],
-        reward_model_path=tiny_exports["reward"],
-        cost_model_path=tiny_exports["cost"],
-        tokenizer_path=tiny_exports["tokenizer"],
-    )
-    module.configure_model()
+def test_collect_rollout_with_the_option_changes_only_logprobs_by_rounding(tiny_policy, monkeypatch):
+    module = tiny_policy
     tok = module.tokenizer
     ids, mask = _prompts(tok, repeat=1)
     batch = collate_prompts(
