@@ -42,9 +42,10 @@ from repo_lightning.modules.policy_config import (
     Sampling,
     Scoring,
     as_group,
+    check_combinations,
     plain,
 )
-from repo_lightning.modules.policy_evaluation import gather_results, write_policy_report
+from repo_lightning.modules.policy_evaluation import dual_plot_settings, gather_results, write_policy_report
 from repo_lightning.modules.policy_models import FROZEN, PolicySources, drop_frozen_models, load_policy_models
 from repo_lightning.modules.policy_steps import compute_advantages, ppo_update, prompt_results, rollout_metrics
 from repo_lightning.modules.rollout import Rollout, collect_rollout
@@ -131,22 +132,9 @@ class PolicyModule(L.LightningModule):
         self.evaluation = as_group(Evaluation, evaluation)
         self.memory = as_group(Memory, memory)
         self.scoring = as_group(Scoring, scoring)
-        if self.objective.uses_cost and cost_model_path is None:
-            raise ConfigError(f"model.init_args.cost_model_path is required for objective {self.objective.name!r}")
-        if cost_ensemble_paths and cost_model_path is None:
-            raise ConfigError(
-                "model.init_args.cost_ensemble_paths needs model.init_args.cost_model_path (the first member)"
-            )
-        k = self.sampling.samples_per_prompt
-        if k < 2 and (
-            self.estimation.estimator in ("rloo", "grpo") or getattr(self.objective, "rectify", None) == "prompt"
-        ):
-            raise ConfigError(
-                "model.init_args.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt "
-                f"(they compare the k samples of a prompt), got {k}"
-            )
-        if critics not in ("separate", "shared"):
-            raise ConfigError(f"model.init_args.critics must be separate or shared, got {critics!r}")
+        check_combinations(
+            self.objective, self.sampling, self.estimation, cost_model_path, cost_ensemble_paths, critics
+        )
         self.save_hyperparameters(ignore=["optimizer", "objective", "dual"])
         for name, group in (
             ("sampling", self.sampling),
@@ -400,14 +388,7 @@ class PolicyModule(L.LightningModule):
             out_dir = self.evaluation.report_dir or f"{self.trainer.log_dir or '.'}/evaluation"
             history = self.lambda_history if self.objective.constrained else None
             ckpt = getattr(self.trainer, "ckpt_path", None)
-            dual = None
-            if self.objective.constrained:
-                levels = list(self.objective.constraint_level().items())
-                dual = {
-                    "maximum": float(self.dual.maximum),
-                    "statistic_history": self.statistic_history,
-                    "level": levels[0] if len(levels) == 1 else None,
-                }
+            dual = dual_plot_settings(self.objective, self.dual, self.statistic_history)
             write_policy_report(
                 results,
                 out_dir,

@@ -327,6 +327,35 @@ class Scoring:
 Group = TypeVar("Group", Sampling, Estimation, PPOUpdate, Evaluation, Memory, Scoring)
 
 
+def check_combinations(
+    objective,
+    sampling: Sampling,
+    estimation: Estimation,
+    cost_model_path: str | None,
+    cost_ensemble_paths: list[str] | None,
+    critics: str,
+) -> None:
+    """The checks that span several groups or the module's other arguments (each group checks its own values).
+
+    ``objective`` is the :class:`~repo_lightning.objectives.Objective` (its ``uses_cost``, ``name`` and, for RePO,
+    ``rectify`` are read). Raises :class:`ConfigError` naming the keys.
+    """
+    if objective.uses_cost and cost_model_path is None:
+        raise ConfigError(f"model.init_args.cost_model_path is required for objective {objective.name!r}")
+    if cost_ensemble_paths and cost_model_path is None:
+        raise ConfigError(
+            "model.init_args.cost_ensemble_paths needs model.init_args.cost_model_path (the first member)"
+        )
+    k = sampling.samples_per_prompt
+    if k < 2 and (estimation.estimator in ("rloo", "grpo") or getattr(objective, "rectify", None) == "prompt"):
+        raise ConfigError(
+            "model.init_args.sampling.samples_per_prompt must be >= 2 for a group estimator or rectify: prompt "
+            f"(they compare the k samples of a prompt), got {k}"
+        )
+    if critics not in ("separate", "shared"):
+        raise ConfigError(f"model.init_args.critics must be separate or shared, got {critics!r}")
+
+
 def as_group(cls: type[Group], value: Group | dict | None) -> Group:
     """The group from a dataclass, a plain dict (a checkpoint's hyperparameters) or ``None`` (its defaults)."""
     if value is None:

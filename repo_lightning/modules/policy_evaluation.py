@@ -16,6 +16,22 @@ def gather_results(results: list[PromptResult]) -> list[PromptResult]:
     return sorted((r for part in gathered for r in part), key=lambda r: r.index)
 
 
+def dual_plot_settings(objective, dual, statistic_history: list[tuple[int, float]]) -> dict | None:
+    """The report's multiplier-plot settings, :func:`write_policy_report`'s ``dual``.
+
+    The cap, the statistic's history and the constraint level (one level only); ``None`` for an unconstrained
+    objective.
+    """
+    if not objective.constrained:
+        return None
+    levels = list(objective.constraint_level().items())
+    return {
+        "maximum": float(dual.maximum),
+        "statistic_history": statistic_history,
+        "level": levels[0] if len(levels) == 1 else None,
+    }
+
+
 def write_policy_report(
     results: list[PromptResult],
     out_dir: str,
