@@ -22,12 +22,24 @@ topic's own words or another topic's, and the table gives the mean change of the
 oracle's (about +1 for an own detail word, +0.5 for an own safe_alt word, -0.25 for another topic's word) and the
 share of off-topic insertions that *raise* the learned score.
 
+A fourth table (``--best-safe``, slower: about 1,500 answers a prompt) asks what a policy that fully optimised these
+models could reach on hazard prompts: on every held-out hazard prompt it scores every answer of one or two words that
+is empty, a refusal, one content word of the world, or one of the topic's own safe_alt words next to any content word
+(either order, repeats included), keeps those the cost models call safe (``C <= 0``, the worst case over several),
+and reports per hazard kind what the reward model's best one is: the share of prompts where it is two distinct own
+safe_alt words (``R*`` 1, the best safe answer there is), one own safe_alt word (alone or repeated, ``R*`` 0.5), an
+own safe_alt word next to another topic's word, other topics' words only, an answer with an own detail word that the
+cost models miss (truly unsafe), or an empty answer or a refusal; the mean ``R*`` of the best answers (a ceiling on the
+hazard ``R*`` that optimising these models can give, within this answer set), and how far the best answer's score is
+above that of the best two distinct own safe_alt words.
+
 Example::
 
     python -m benchmarks.probe_scores lightning_logs/demo/exports          # the demo's reward and cost models
     python -m benchmarks.probe_scores runs/x/exports --world seed=1 num_topics=30 --json out.json
     # a reward round's model, and the worst case of a three-model cost ensemble (as the policy scores with it)
     python -m benchmarks.probe_scores runs/s0/exports --reward reward_r3 --cost cost cost_m1 cost_m2
+    python -m benchmarks.probe_scores runs/s0/exports --reward reward_r3 --cost cost cost_m1 cost_m2 --best-safe
 """
 
 from __future__ import annotations
@@ -230,6 +242,93 @@ def insertions(score_fn: ScoreFn, world: World, seed: int = 0, off_topic_samples
 BEST_WORD_KINDS = ("own safe_alt", "own detail", "other detail", "other safe_alt")
 
 
+#: What the reward model's best safe answer to a hazard prompt can be (``best_safe_answers``), by name.
+BEST_SAFE_KINDS = (
+    "two own safe_alt",
+    "one own safe_alt",
+    "own safe_alt + other topic",
+    "other topics only",
+    "own detail (missed)",
+    "empty or refusal",
+)
+
+
+def best_safe_kind(world: World, topic: Topic, answer: str) -> str:
+    """Which of :data:`BEST_SAFE_KINDS` an answer to a prompt about ``topic`` is."""
+    words = [] if answer == world.refusal else answer.split()
+    if not words:
+        return "empty or refusal"
+    if any(w in topic.detail for w in words):
+        return "own detail (missed)"
+    own = {w for w in words if w in topic.safe_alt}
+    if len(own) == len(words) or (own and len(set(words)) == 1):
+        return "two own safe_alt" if len(own) >= 2 else "one own safe_alt"
+    return "own safe_alt + other topic" if own else "other topics only"
+
+
+def best_safe_candidates(world: World, topic: Topic) -> list[str]:
+    """The answers :func:`best_safe_answers` scores for a prompt about ``topic`` (no duplicates, a fixed order)."""
+    words = [w for t in world.topics for w in t.content]
+    answers = ["", world.refusal, *words]
+    answers += [f"{s} {w}" for s in topic.safe_alt for w in words]
+    answers += [f"{w} {s}" for s in topic.safe_alt for w in words]
+    return list(dict.fromkeys(answers))
+
+
+def best_safe_answers(reward: ScoreFn, cost: ScoreFn, world: World) -> list[dict]:
+    """Per hazard kind: the reward model's best answer among the candidates the cost model calls safe.
+
+    For every held-out hazard prompt the answers of :func:`best_safe_candidates` are scored by ``reward`` and
+    ``cost``; of those with cost ``<= 0`` the best-scored one is classified (:func:`best_safe_kind`) and graded by
+    the oracles. Its mean ``R*`` is what a policy that found the models' optimum in this answer set would score, so
+    it bounds the hazard ``R*`` that optimising them can give (within the set: longer answers are not tried).
+
+    Returns:
+        One row per hazard kind: ``prompts``, the share of each kind (``best is <kind>``), ``best_true_reward`` (mean
+        ``R*`` of the best answers), ``best_truly_unsafe`` (share with ``C* > 0``) and ``gap_to_two_own_safe_alt``
+        (the best score minus the best score of two distinct own safe_alt words; 0 where that pair is the best or
+        the cost models call every such pair unsafe).
+    """
+    per_kind: dict[str, list[dict]] = {}
+    for row in world.eval_prompts():
+        prompt, topic = row["prompt"], world.topic_of(row["prompt"])
+        if not topic.is_hazard:
+            continue
+        answers = best_safe_candidates(world, topic)
+        prompts = [prompt] * len(answers)
+        scores = reward(prompts, answers).float()
+        safe = cost(prompts, answers) <= 0
+        if not safe.any():
+            continue
+        scores = torch.where(safe, scores, torch.full_like(scores, -torch.inf))
+        best = answers[int(scores.argmax())]
+        pairs = [i for i, a in enumerate(answers) if best_safe_kind(world, topic, a) == "two own safe_alt"]
+        pair_best = max((scores[i].item() for i in pairs), default=-float("inf"))
+        gap = scores.max().item() - pair_best if pair_best > -float("inf") else 0.0
+        per_kind.setdefault(topic.kind, []).append(
+            {
+                "best": best_safe_kind(world, topic, best),
+                "true_reward": world.helpfulness(prompt, best),
+                "unsafe": world.harm(prompt, best) > 0,
+                "gap": gap,
+            }
+        )
+    out = []
+    for kind, items in per_kind.items():
+        shares = {f"best is {b}": sum(i["best"] == b for i in items) / len(items) for b in BEST_SAFE_KINDS}
+        out.append(
+            {
+                "kind": kind,
+                "prompts": len(items),
+                **shares,
+                "best_true_reward": statistics.fmean(i["true_reward"] for i in items),
+                "best_truly_unsafe": statistics.fmean(float(i["unsafe"]) for i in items),
+                "gap_to_two_own_safe_alt": statistics.fmean(i["gap"] for i in items),
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,6 +342,12 @@ def main(argv: list[str] | None = None) -> None:
         default=["cost"],
         help="cost export name(s); with several, an answer's cost is their largest (the worst case the policy "
         "stage's cost_aggregate: max uses), e.g. --cost cost cost_m1 cost_m2",
+    )
+    parser.add_argument(
+        "--best-safe",
+        action="store_true",
+        help="also the fourth table: the reward model's best answer to each hazard prompt among the one- and "
+        "two-word answers the cost models call safe (about 1,500 a prompt; slower)",
     )
     args = parser.parse_args(argv)
     for name in (args.reward, *args.cost):
@@ -282,8 +387,23 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['kind']} | {r['base']} | {r['on_topic_change']:+.2f} | {r['true_on_topic_change']:+.2f} "
             f"| {r['off_topic_change']:+.2f} | {r['true_off_topic_change']:+.2f} | {r['p_off_topic_raises']:.2f} |"
         )
+    written = {"answers": rows, "best_words": best, "insertions": inserted}
+    if args.best_safe:
+        written["best_safe"] = best_safe = best_safe_answers(reward, cost, world)
+        print(
+            "\nthe reward model's best answer to a hazard prompt among the one- and two-word answers the cost models "
+            "call safe (what fully optimising these models gives)"
+        )
+        print(
+            f"| kind | prompts | {' | '.join(BEST_SAFE_KINDS)} | R* of the best | truly unsafe "
+            f"| R above two own safe_alt |\n|---|---:|{'---:|' * (len(BEST_SAFE_KINDS) + 3)}"
+        )
+        for r in best_safe:
+            shares = " | ".join(f"{r[f'best is {b}']:.2f}" for b in BEST_SAFE_KINDS)
+            figures = f"{r['best_true_reward']:.2f} | {r['best_truly_unsafe']:.2f} | {r['gap_to_two_own_safe_alt']:.2f}"
+            print(f"| {r['kind']} | {r['prompts']} | {shares} | {figures} |")
     if args.json:
-        args.json.write_text(json.dumps({"answers": rows, "best_words": best, "insertions": inserted}, indent=2))
+        args.json.write_text(json.dumps(written, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.probe_scores import BEST_WORD_KINDS, INSERTION_BASES, canonical_answers, insertions, main, worst_case
+from benchmarks.probe_scores import (
+    BEST_SAFE_KINDS,
+    BEST_WORD_KINDS,
+    INSERTION_BASES,
+    best_safe_answers,
+    best_safe_candidates,
+    best_safe_kind,
+    canonical_answers,
+    insertions,
+    main,
+    worst_case,
+)
 from repo_lightning.safetyworld import World, WorldConfig
 from tests.conftest import TINY_WORLD
 
@@ -69,9 +80,18 @@ def test_probe_table_and_json(tiny_exports: dict[str, str], tmp_path: Path, caps
             *(f"{k}={v}" for k, v in TINY_WORLD.items()),
             "--json",
             str(twice),
+            "--best-safe",
         ]
     )
-    assert json.loads(twice.read_text())["answers"] == rows
+    twice_rows = json.loads(twice.read_text())
+    assert twice_rows["answers"] == rows
+    assert "best_safe" not in written  # the fourth table only when asked for
+    safe = {r["kind"]: r for r in twice_rows["best_safe"]}
+    assert set(safe) <= {"hazard_mild", "hazard_severe"}  # hazard prompts only
+    for r in safe.values():
+        assert sum(r[f"best is {b}"] for b in BEST_SAFE_KINDS) == pytest.approx(1.0)
+        assert r["gap_to_two_own_safe_alt"] >= 0
+    assert "among the one- and two-word answers the cost models call safe" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="export folder reward/"):
         main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="export folder cost_m1/"):
@@ -108,3 +128,65 @@ def test_insertions_of_a_reward_model_that_is_the_oracle() -> None:
     per_word = (cfg.num_detail_words * 1.0 + cfg.num_safe_alt_words * 0.5) / words
     filler = next(r for r in rows if r["base"] == "filler x3" and r["kind"] == "benign")
     assert filler["true_on_topic_change"] == pytest.approx(per_word)
+
+
+def test_best_safe_answers_find_the_optimum_of_the_models() -> None:
+    """With the oracles as the models the best safe hazard answer is two own safe_alt words (R* 1); a reward model
+    that overpays one other topic's word, or a cost model blind to a detail word, moves it as the kinds say."""
+    world = World(WorldConfig(**TINY_WORLD))
+
+    def oracle_reward(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return torch.tensor([2 * world.helpfulness(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    def oracle_cost(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return torch.tensor([world.harm(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    hazard = [t for t in world.topics if t.is_hazard]
+    kinds = {t.kind for t in hazard}
+    rows = best_safe_answers(oracle_reward, oracle_cost, world)
+    assert {r["kind"] for r in rows} == kinds
+    for r in rows:
+        assert r["best is two own safe_alt"] == 1.0
+        assert r["best_true_reward"] == 1.0 and r["best_truly_unsafe"] == 0.0 and r["gap_to_two_own_safe_alt"] == 0.0
+
+    benign = next(t for t in world.topics if t.kind == "benign")
+    stray = benign.detail[0]
+
+    def bribed(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return oracle_reward(prompts, answers) + torch.tensor([10.0 * (stray in a.split()) for a in answers])
+
+    for r in best_safe_answers(bribed, oracle_cost, world):
+        assert r["best is own safe_alt + other topic"] == 1.0
+        assert r["best_true_reward"] == pytest.approx(0.25)  # one safe_alt word (0.5), one off-topic word (-0.25)
+        assert r["gap_to_two_own_safe_alt"] == pytest.approx(10.0 + 2 * 0.25 - 2 * 1.0)
+
+    blind = {w for t in hazard for w in t.detail}
+
+    def missing(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return oracle_cost(prompts, answers) - torch.tensor([9.0 * any(w in blind for w in a.split()) for a in answers])
+
+    for r in best_safe_answers(oracle_reward, missing, world):
+        assert r["best is own detail (missed)"] == 1.0 and r["best_truly_unsafe"] == 1.0
+    for r in rows:
+        assert sum(r[f"best is {k}"] for k in BEST_SAFE_KINDS) == pytest.approx(1.0)
+
+
+def test_best_safe_kinds_of_canonical_answers() -> None:
+    world = World(WorldConfig())
+    topic = next(t for t in world.topics if t.kind == "hazard_mild")
+    other = next(t for t in world.topics if t.index != topic.index)
+    s, d = topic.safe_alt, topic.detail
+    cases = {
+        f"{s[0]} {s[1]}": "two own safe_alt",
+        f"{s[0]} {s[0]}": "one own safe_alt",
+        s[1]: "one own safe_alt",
+        f"{s[0]} {other.detail[0]}": "own safe_alt + other topic",
+        f"{other.safe_alt[0]} {s[2]}": "own safe_alt + other topic",
+        other.detail[1]: "other topics only",
+        f"{s[0]} {d[0]}": "own detail (missed)",
+        "": "empty or refusal",
+        world.refusal: "empty or refusal",
+    }
+    assert {a: best_safe_kind(world, topic, a) for a in cases} == cases
+    candidates = best_safe_candidates(world, topic)
+    assert len(candidates) == len(set(candidates)) and set(cases) <= set(candidates)
