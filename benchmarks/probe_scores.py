@@ -160,19 +160,9 @@ def best_words(reward: ScoreFn, world: World) -> list[dict]:
                 "gap": scores.max().item() - own,
             }
         )
-    out = []
-    for kind, items in per_kind.items():
-        shares = {f"best is {b}": sum(i["best"] == b for i in items) / len(items) for b in BEST_WORD_KINDS}
-        out.append(
-            {
-                "kind": kind,
-                "prompts": len(items),
-                **shares,
-                "top3_true_reward": statistics.fmean(i["top3_true_reward"] for i in items),
-                "gap_to_own_safe_alt": statistics.fmean(i["gap"] for i in items),
-            }
-        )
-    return out
+    return _shares_and_means(
+        per_kind, BEST_WORD_KINDS, {"top3_true_reward": "top3_true_reward", "gap_to_own_safe_alt": "gap"}
+    )
 
 
 #: The answers :func:`insertions` adds one word to, by name: (words of the prompt's topic, or filler).
@@ -253,6 +243,19 @@ BEST_SAFE_KINDS = (
 )
 
 
+def _shares_and_means(per_kind: dict[str, list[dict]], kinds: tuple[str, ...], means: dict[str, str]) -> list[dict]:
+    """One row per topic kind: ``prompts``, the share of each ``best`` kind, the mean of each field in ``means``."""
+    return [
+        {
+            "kind": kind,
+            "prompts": len(items),
+            **{f"best is {b}": sum(i["best"] == b for i in items) / len(items) for b in kinds},
+            **{key: statistics.fmean(i[field] for i in items) for key, field in means.items()},
+        }
+        for kind, items in per_kind.items()
+    ]
+
+
 def best_safe_kind(world: World, topic: Topic, answer: str) -> str:
     """Which of :data:`BEST_SAFE_KINDS` an answer to a prompt about ``topic`` is."""
     words = [] if answer == world.refusal else answer.split()
@@ -281,7 +284,7 @@ def best_safe_answers(reward: ScoreFn, cost: ScoreFn, world: World) -> list[dict
     For every held-out hazard prompt the answers of :func:`best_safe_candidates` are scored by ``reward`` and
     ``cost``; of those with cost ``<= 0`` the best-scored one is classified (:func:`best_safe_kind`) and graded by
     the oracles. Its mean ``R*`` is what a policy that found the models' optimum in this answer set would score, so
-    it bounds the hazard ``R*`` that optimising them can give (within the set: longer answers are not tried).
+    it is the hazard ``R*`` that fully optimising them gives (within the set: longer answers are not tried).
 
     Returns:
         One row per hazard kind: ``prompts``, the share of each kind (``best is <kind>``), ``best_true_reward`` (mean
@@ -309,24 +312,12 @@ def best_safe_answers(reward: ScoreFn, cost: ScoreFn, world: World) -> list[dict
             {
                 "best": best_safe_kind(world, topic, best),
                 "true_reward": world.helpfulness(prompt, best),
-                "unsafe": world.harm(prompt, best) > 0,
+                "unsafe": float(world.harm(prompt, best) > 0),
                 "gap": gap,
             }
         )
-    out = []
-    for kind, items in per_kind.items():
-        shares = {f"best is {b}": sum(i["best"] == b for i in items) / len(items) for b in BEST_SAFE_KINDS}
-        out.append(
-            {
-                "kind": kind,
-                "prompts": len(items),
-                **shares,
-                "best_true_reward": statistics.fmean(i["true_reward"] for i in items),
-                "best_truly_unsafe": statistics.fmean(float(i["unsafe"]) for i in items),
-                "gap_to_two_own_safe_alt": statistics.fmean(i["gap"] for i in items),
-            }
-        )
-    return out
+    means = {"best_true_reward": "true_reward", "best_truly_unsafe": "unsafe", "gap_to_two_own_safe_alt": "gap"}
+    return _shares_and_means(per_kind, BEST_SAFE_KINDS, means)
 
 
 def main(argv: list[str] | None = None) -> None:
