@@ -11,7 +11,8 @@ round 11; retraining one cost model on the policy's answers made it miss more, r
    after) ``COLLECT_SAMPLES_PER_PROMPT`` times on every training prompt (never the held-out ones);
 2. labels the answers with SafetyWorld's simulated annotator (pairs of the policy's answers, and each answer with
    a draw from the preference mixture: ``annotate_samples``; with ``--edit-pairs`` each answer also with a one-word
-   edit of itself, a repeated word varied where it has one);
+   edit of itself, a repeated word varied where it has one; with ``--on-topic-pairs`` each answer that says another
+   topic's word also with that word made the prompt topic's own, docs/results.md round 19);
 3. trains the reward model ``reward_r<r>`` from the SFT export on the generated pairs plus every round's collected
    pairs (``data.extra_train_files``; the reward config and seed of the pipeline);
 4. trains and evaluates every policy again from the SFT export as ``<name>_r<r>`` with that reward model (the value
@@ -69,12 +70,18 @@ class RewardRounds:
     """Rounds 2, 3, ... on a pipeline root: see the module docstring."""
 
     def __init__(
-        self, pipeline: Pipeline, policies: dict[str, str], repo_args: list[str] = (), edit_pairs: bool = False
+        self,
+        pipeline: Pipeline,
+        policies: dict[str, str],
+        repo_args: list[str] = (),
+        edit_pairs: bool = False,
+        on_topic_pairs: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.policies = policies
         self.repo_args = list(repo_args)
         self.edit_pairs = edit_pairs
+        self.on_topic_pairs = on_topic_pairs
         self.folder = pipeline.root / "rounds" / "reward_rounds"
 
     def pairs_file(self, round_index: int) -> Path:
@@ -100,7 +107,13 @@ class RewardRounds:
             out = self.folder / f"round{round_index}" / run
             samples = pipeline.sample_policy(f"sample_r{round_index}_{run}", run, args, out, prompts)
             seed = 1000 * pipeline.seed + 100 + 10 * round_index + index
-            rows += annotate_samples(world, read_samples(samples), seed=seed, edit_pairs=self.edit_pairs)
+            rows += annotate_samples(
+                world,
+                read_samples(samples),
+                seed=seed,
+                edit_pairs=self.edit_pairs,
+                on_topic_pairs=self.on_topic_pairs,
+            )
         pairs = self.pairs_file(round_index)
         write_rows(rows, pairs)
         return pairs
@@ -167,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also pair each sampled answer with a one-word edit of itself (a repeated word varied where it has one)",
     )
+    parser.add_argument(
+        "--on-topic-pairs",
+        action="store_true",
+        help="also pair each sampled answer that says another topic's word with that word made the prompt topic's own",
+    )
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.rounds < 1:
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = Pipeline(
         root, args.config_dir, args.seed, extra, quiet=True, resume=True, cost_ensemble=args.cost_ensemble
     )
-    rounds = RewardRounds(pipeline, policies, args.repo_arg, args.edit_pairs)
+    rounds = RewardRounds(pipeline, policies, args.repo_arg, args.edit_pairs, args.on_topic_pairs)
     record = root / "rounds" / "reward_rounds.json"
     results = json.loads(record.read_text()) if record.is_file() else {}
     for round_index in range(2, 2 + args.rounds):

@@ -104,6 +104,32 @@ def test_annotate_edit_pairs_contrast_each_answer_with_a_one_word_edit():
     assert len(pairs) == 3000 and wins / len(pairs) == pytest.approx(0.731, abs=0.03)
 
 
+def test_annotate_on_topic_pairs_set_another_topics_word_against_the_prompts_own():
+    """``on_topic_pairs``: one more row per distinct answer that says another topic's content word, and only then."""
+    world = World(WorldConfig())
+    prompt = _prompt(world, "hazard_mild")
+    topic = world.topic_of(prompt)
+    sa = topic.safe_alt
+    stray = next(t for t in world.topics if t.index != topic.index)
+    padded, own = f"{sa[0]} {stray.safe_alt[0]}", f"{sa[0]} {sa[1]}"
+    answers = [padded, own, padded]
+    plain = annotate_samples(world, [(prompt, answers)], seed=5, edit_pairs=True)
+    rows = annotate_samples(world, [(prompt, answers)], seed=5, edit_pairs=True, on_topic_pairs=True)
+    assert rows[: len(plain)] == plain and len(rows) == len(plain) + 1  # the own answer gets no such pair
+    pair = [rows[-1]["response_0"], rows[-1]["response_1"]]
+    assert padded in pair
+    swapped = pair[1 - pair.index(padded)].split()
+    assert swapped[0] == sa[0] and swapped[1] in sa[1:]
+    assert world.helpfulness(prompt, " ".join(swapped)) - world.helpfulness(prompt, padded) == 0.75
+    assert annotate_samples(world, [(prompt, answers)], seed=5, edit_pairs=True, on_topic_pairs=True) == rows
+    # labelled as every other row: the own answer is preferred with probability sigmoid(0.75 / 0.5)
+    many = annotate_samples(world, [(prompt, [padded])] * 3000, seed=6, on_topic_pairs=True, reference_pairs=False)
+    pairs = many[1::2]  # per prompt: the lone answer against a mixture draw, then its on-topic pair
+    assert all(padded in (r["response_0"], r["response_1"]) for r in pairs)
+    wins = sum((r["response_0"], r["response_1"])[r["better_response_id"]] != padded for r in pairs)
+    assert len(pairs) == 3000 and wins / len(pairs) == pytest.approx(0.818, abs=0.03)
+
+
 def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
     world = World(world_from_overrides(["num_topics=6", "seed=3"]))
     prompts = [row["prompt"] for row in world.rl_prompts()[:5]]

@@ -143,3 +143,23 @@ def test_bad_flags_are_refused_naming_them(recorded, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
         reward_rounds.main(["--root", str(root), *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err and not stages
+
+
+def test_on_topic_pairs_flag_reaches_the_annotator(recorded, monkeypatch):
+    """``--on-topic-pairs`` is passed to ``annotate_samples`` (off without the flag)."""
+    root, _ = recorded
+    seen = []
+    real = reward_rounds.annotate_samples
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["on_topic_pairs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reward_rounds, "annotate_samples", spy)
+    base = ["--root", str(root), "--policies", "repo", "--rounds", "1"]
+    assert reward_rounds.main(base) == 0
+    (root / "rounds" / "reward_rounds.json").unlink()
+    shutil.rmtree(root / "eval")
+    (root / "rounds" / "reward_rounds" / "round2" / "pairs.jsonl").unlink()
+    assert reward_rounds.main([*base, "--on-topic-pairs"]) == 0
+    assert seen == [False, True]

@@ -312,6 +312,29 @@ def test_topic_swap_edit(world: World) -> None:
         WorldConfig(preference_topic_swap_prob=1.5)
 
 
+def test_on_topic_edit_makes_another_topics_word_the_prompts_own(world: World) -> None:
+    """``swap_on_topic`` replaces another topic's content word by an unused own word of the same kind."""
+    rng = random.Random(0)
+    topic = _topic(world, "hazard_mild")
+    x = _prompt(topic)
+    sa, d = topic.safe_alt, topic.detail
+    stray = next(t for t in world.topics if t.index != topic.index)
+    for _ in range(20):
+        # the learned reward models' optimum (round 19): one own safe_alt word next to another topic's safe_alt word
+        swapped = edit_response(topic, f"{sa[0]} {stray.safe_alt[1]}", rng, world.topics, "swap_on_topic").split()
+        assert swapped[0] == sa[0] and swapped[1] in sa[1:]  # an unused safe_alt word of the topic
+        # 0.5 - 0.25 -> 1.0: two own guidance words
+        assert world.helpfulness(x, f"{sa[0]} {stray.safe_alt[1]}") == 0.25
+        assert world.helpfulness(x, " ".join(swapped)) == 1.0
+        swapped = edit_response(topic, f"then {stray.detail[0]} {sa[2]}", rng, world.topics, "swap_on_topic").split()
+        assert swapped[0] == "then" and swapped[1] in d and swapped[2] == sa[2]  # a detail word for a detail word
+    # every safe_alt word already said: another unused content word of the topic instead
+    full = edit_response(topic, f"{sa[0]} {sa[1]} {sa[2]} {stray.safe_alt[0]}", rng, world.topics, "swap_on_topic")
+    assert full.split()[:3] == list(sa[:3]) and full.split()[3] in d
+    # nothing of another topic to swap (own words and filler only): a topic word is added instead
+    assert len(edit_response(topic, f"{sa[0]} then", rng, world.topics, "swap_on_topic").split()) == 3
+
+
 def test_vary_edit_makes_a_repeated_word_distinct(world: World) -> None:
     """``vary`` replaces a later occurrence of a repeated content word by an unused word of the same kind."""
     rng = random.Random(0)

@@ -27,7 +27,16 @@ from pathlib import Path
 from repo_lightning.data.schema import DataValidationError
 from repo_lightning.data.sources import read_jsonl
 from repo_lightning.safetyworld.config import world_from_overrides
-from repo_lightning.safetyworld.generate import EDITS, REFUSAL, TOPIC_SWAP, VARY, edit_response, vary_choices
+from repo_lightning.safetyworld.generate import (
+    EDITS,
+    ON_TOPIC,
+    REFUSAL,
+    TOPIC_SWAP,
+    VARY,
+    edit_response,
+    on_topic_choices,
+    vary_choices,
+)
 from repo_lightning.safetyworld.world import World
 
 #: Redraws of the mixture partner while it equals the answer it is paired with.
@@ -40,6 +49,7 @@ def annotate_samples(
     seed: int = 0,
     reference_pairs: bool = True,
     edit_pairs: bool = False,
+    on_topic_pairs: bool = False,
 ) -> list[dict]:
     """Preference rows (PKU-SafeRLHF schema, with ``topic``/``kind``) for each prompt's sampled answers.
 
@@ -57,11 +67,17 @@ def annotate_samples(
             :data:`.generate.TOPIC_SWAP`. Repeating a word that pays is the cheapest exploit of a learned reward
             model that has not learnt that ``R*`` counts distinct words (docs/results.md, round 14); pairs against
             other answers rarely isolate it. Off by default (the earlier rounds' rows exactly).
+        on_topic_pairs: Also pair every distinct answer that says another topic's content word with the same answer
+            with one such word replaced by an unused word of the prompt's topic of the same kind
+            (:data:`.generate.ON_TOPIC`): the answer the learned reward models' optimum is made of, one own safety
+            word next to another topic's word, against two own safety words (docs/results.md round 19). Off by
+            default.
 
     Returns:
         Per prompt, one row per pair of consecutive distinct answers (a left-over answer is paired with a mixture
-        draw), with ``reference_pairs`` one more per distinct answer, and with ``edit_pairs`` one more per distinct
-        answer after those; in prompt order.
+        draw), with ``reference_pairs`` one more per distinct answer, with ``edit_pairs`` one more per distinct
+        answer after those, and with ``on_topic_pairs`` one more per distinct answer with another topic's word after
+        those; in prompt order.
     """
     rng = random.Random(f"safetyworld/{world.config.seed}/annotate/{seed}")
     rows = []
@@ -84,6 +100,13 @@ def annotate_samples(
                 edit = VARY if vary_choices(topic, words) else edit_rng.choice((*EDITS, TOPIC_SWAP))
                 edited = edit_response(topic, answer, edit_rng, world.topics, edit)
                 pairs.append((answer, edited) if edit_rng.random() < 0.5 else (edited, answer))
+        if on_topic_pairs:
+            swap_rng = random.Random(f"safetyworld/{world.config.seed}/annotate/{seed}/on_topic/{prompt}")
+            for answer in distinct:
+                words = [] if answer == REFUSAL else answer.split()
+                if on_topic_choices(topic, words, world.topics):
+                    edited = edit_response(topic, answer, swap_rng, world.topics, ON_TOPIC)
+                    pairs.append((answer, edited) if swap_rng.random() < 0.5 else (edited, answer))
         rows += [world.label_pair(prompt, topic, a, b, rng) for a, b in pairs]
     return rows
 
@@ -125,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--edit-pairs", action="store_true", help="also pair each distinct answer with a one-word edit of itself"
     )
+    parser.add_argument(
+        "--on-topic-pairs",
+        action="store_true",
+        help="also pair each distinct answer that says another topic's word with that word made the prompt's own",
+    )
     args = parser.parse_args(argv)
     try:
         world = World(world_from_overrides(args.world))
@@ -134,7 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     for index, path in enumerate(args.samples):
         if not Path(path).is_file():
             parser.error(f"no samples file at {path!r} (expected a per_prompt.jsonl)")
-        rows += annotate_samples(world, read_samples(path), seed=args.seed * 1000 + index, edit_pairs=args.edit_pairs)
+        rows += annotate_samples(
+            world,
+            read_samples(path),
+            seed=args.seed * 1000 + index,
+            edit_pairs=args.edit_pairs,
+            on_topic_pairs=args.on_topic_pairs,
+        )
     write_rows(rows, args.out)
     print(f"{len(rows)} preference rows from {len(args.samples)} sample file(s) -> {args.out}")
 

@@ -291,8 +291,12 @@ TOPIC_SWAP = "swap_topic"
 #: a repeated on-topic content word made distinct.
 VARY = "vary"
 
+#: An edit that ``edit_response`` also accepts but never draws by itself (``annotate.annotate_samples``'s on-topic
+#: pairs): another topic's content word replaced by an unused word of the prompt's topic, the reverse of TOPIC_SWAP.
+ON_TOPIC = "swap_on_topic"
+
 #: Every edit ``edit_response`` accepts.
-ALL_EDITS: tuple[str, ...] = (*EDITS, TOPIC_SWAP, VARY)
+ALL_EDITS: tuple[str, ...] = (*EDITS, TOPIC_SWAP, VARY, ON_TOPIC)
 
 
 def vary_choices(topic: Topic, words: Sequence[str]) -> list[tuple[int, list[str]]]:
@@ -312,6 +316,30 @@ def vary_choices(topic: Topic, words: Sequence[str]) -> list[tuple[int, list[str
     return choices
 
 
+def on_topic_choices(topic: Topic, words: Sequence[str], topics: Sequence[Topic]) -> list[tuple[int, list[str]]]:
+    """Where an :data:`ON_TOPIC` edit can act.
+
+    Returns:
+        ``(i, unused)`` for each ``words[i]`` that is a content word of another topic than ``topic`` and not one of
+        ``topic``'s, with the words of ``topic`` of the same kind (detail for detail, safe_alt for safe_alt) that
+        ``words`` lacks, or, where none of that kind is left, every content word of ``topic`` it lacks (positions
+        with nothing left are skipped).
+    """
+    used = set(words)
+    choices = []
+    for i, word in enumerate(words):
+        if word in topic.content:
+            continue
+        stray = next((t for t in topics if t.index != topic.index and word in t.content), None)
+        if stray is None:
+            continue
+        kind = topic.detail if word in stray.detail else topic.safe_alt
+        unused = [w for w in kind if w not in used] or [w for w in topic.content if w not in used]
+        if unused:
+            choices.append((i, unused))
+    return choices
+
+
 def edit_response(
     topic: Topic, response: str, rng: random.Random, other_topics: Sequence[Topic], edit: str | None = None
 ) -> str:
@@ -324,9 +352,13 @@ def edit_response(
     detail, safe_alt for safe_alt) of another topic, so that the pair differs only in whether that word belongs to
     the prompt's topic; ``vary`` (:data:`VARY`, only when asked for): replace a later occurrence of a repeated content
     word of the prompt's topic by a word of the same kind of that topic that the response lacks, so that the pair
-    differs only in whether the answer says one thing twice or two things (``R*`` counts distinct words). A response
-    without words (empty or a refusal) always gets ``add``; one without content words cannot get ``repeat`` or
-    ``swap_topic`` and gets ``add`` instead, and one without a repeated content word to vary gets ``add`` too.
+    differs only in whether the answer says one thing twice or two things (``R*`` counts distinct words);
+    ``swap_on_topic`` (:data:`ON_TOPIC`, only when asked for): replace one content word of another topic by an unused
+    word of the prompt's topic of the same kind (:func:`on_topic_choices`), the reverse of ``swap_topic``, so that
+    an answer that pads its guidance with another topic's word is set against the same answer with the topic's own
+    word. A response without words (empty or a refusal) always gets ``add``; one without content words cannot get
+    ``repeat`` or ``swap_topic`` and gets ``add`` instead, and one without a repeated content word to vary, or without
+    another topic's word to swap, gets ``add`` too.
 
     Args:
         topic: The prompt's topic.
@@ -346,6 +378,7 @@ def edit_response(
         or (edit in ("repeat", TOPIC_SWAP) and not content)
         or (edit in ("swap_off_topic", TOPIC_SWAP) and not others)
         or (edit == VARY and not vary_choices(topic, words))
+        or (edit == ON_TOPIC and not on_topic_choices(topic, words, other_topics))
     ):
         edit = "add"
     if edit == "add":
@@ -357,6 +390,9 @@ def edit_response(
         words.insert(i + 1, words[i])
     elif edit == VARY:
         i, unused = rng.choice(vary_choices(topic, words))
+        words[i] = rng.choice(unused)
+    elif edit == ON_TOPIC:
+        i, unused = rng.choice(on_topic_choices(topic, words, other_topics))
         words[i] = rng.choice(unused)
     elif edit == TOPIC_SWAP:
         i = rng.choice(content)
