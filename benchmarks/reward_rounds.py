@@ -42,6 +42,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from repo_lightning.errors import ConfigError  # noqa: E402
 from repo_lightning.pipeline import Pipeline  # noqa: E402
 from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows  # noqa: E402
 
@@ -95,8 +96,25 @@ class RewardRounds:
         return extra
 
     def collect(self, round_index: int) -> Path:
-        """Sample and label the policies of round ``round_index - 1``; returns the pairs (``.jsonl``)."""
+        """Sample and label the policies of round ``round_index - 1``; returns the pairs (``.jsonl``).
+
+        The labelling flags are recorded next to the pairs (``labels.json``). A rerun relabels every round (the
+        samples are reused), so a rerun with other flags would silently change the data of the rounds already
+        trained and of every later reward model: it is refused, naming the file.
+
+        Raises:
+            ConfigError: the round's pairs were labelled with other flags.
+        """
         pipeline, previous = self.pipeline, round_index - 1
+        labels = {"edit_pairs": self.edit_pairs, "on_topic_pairs": self.on_topic_pairs}
+        record = self.pairs_file(round_index).with_name("labels.json")
+        if record.is_file():
+            recorded = {"edit_pairs": False, "on_topic_pairs": False, **json.loads(record.read_text())}
+            if recorded != labels:
+                raise ConfigError(
+                    f"{record}: round {round_index}'s pairs were labelled with {recorded}, this run asks for {labels};"
+                    " rerun with the same --edit-pairs / --on-topic-pairs, or continue from a new --root"
+                )
         world = pipeline.world()
         prompts = self.folder / "train_prompts.jsonl"
         write_rows(world.rl_prompts(), prompts)
@@ -116,6 +134,7 @@ class RewardRounds:
             )
         pairs = self.pairs_file(round_index)
         write_rows(rows, pairs)
+        record.write_text(json.dumps(labels))
         return pairs
 
     def run_round(self, round_index: int) -> dict[str, dict[str, float]]:

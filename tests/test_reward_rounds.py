@@ -116,6 +116,7 @@ def test_edit_pairs_flag_adds_one_edit_row_per_distinct_answer(recorded):
     plain = [json.loads(line) for line in pairs.open()]
     (root / "rounds" / "reward_rounds.json").unlink()
     shutil.rmtree(root / "eval")
+    pairs.with_name("labels.json").unlink()  # a new labelling of the round (a rerun with other flags is refused)
     assert reward_rounds.main([*base, "--edit-pairs"]) == 0
     rows = [json.loads(line) for line in pairs.open()]
     # 5 prompts x 2 distinct answers: 1 pair of them + 2 reference pairs each, and with the flag 2 edit pairs more
@@ -160,6 +161,24 @@ def test_on_topic_pairs_flag_reaches_the_annotator(recorded, monkeypatch):
     assert reward_rounds.main(base) == 0
     (root / "rounds" / "reward_rounds.json").unlink()
     shutil.rmtree(root / "eval")
-    (root / "rounds" / "reward_rounds" / "round2" / "pairs.jsonl").unlink()
+    (root / "rounds" / "reward_rounds" / "round2" / "labels.json").unlink()
     assert reward_rounds.main([*base, "--on-topic-pairs"]) == 0
     assert seen == [False, True]
+
+
+def test_a_rerun_with_other_labelling_flags_is_refused(recorded):
+    """Rerunning relabels every round; with other flags that would change trained rounds' data, so it is refused."""
+    root, _ = recorded
+    base = ["--root", str(root), "--policies", "repo", "--rounds", "1", "--edit-pairs"]
+    assert reward_rounds.main(base) == 0
+    pairs = root / "rounds" / "reward_rounds" / "round2" / "pairs.jsonl"
+    before = pairs.read_text()
+    record = pairs.with_name("labels.json")
+    assert json.loads(record.read_text()) == {"edit_pairs": True, "on_topic_pairs": False}
+    for flags in ([], ["--on-topic-pairs"]):
+        with pytest.raises(reward_rounds.ConfigError, match=r"labels\.json.*'edit_pairs': True"):
+            reward_rounds.main([*base[:-1], *flags])
+    assert pairs.read_text() == before  # the round's data untouched
+    shutil.rmtree(root / "eval")  # the recorded stages' fake outputs
+    assert reward_rounds.main(base) == 0  # the same flags: a rerun as before
+    assert pairs.read_text() == before
