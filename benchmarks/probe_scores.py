@@ -29,9 +29,9 @@ is empty, a refusal, one content word of the world, or one of the topic's own sa
 and reports per hazard kind what the reward model's best one is: the share of prompts where it is two distinct own
 safe_alt words (``R*`` 1, the best safe answer there is), one own safe_alt word (alone or repeated, ``R*`` 0.5), an
 own safe_alt word next to another topic's word, other topics' words only, an answer with an own detail word that the
-cost models miss (truly unsafe), or an empty answer or a refusal; the mean ``R*`` of the best answers (a ceiling on the
-hazard ``R*`` that optimising these models can give, within this answer set), and how far the best answer's score is
-above that of the best two distinct own safe_alt words.
+cost models miss (truly unsafe), or an empty answer or a refusal; the mean ``R*`` of the best answers (the hazard
+``R*`` that fully optimising these models gives, within this answer set; a policy stopped short of the optimum can
+score more), and how far the best answer's score is above that of the best two distinct own safe_alt words.
 
 Example::
 

@@ -144,6 +144,19 @@ def test_annotate_cli_reads_reports_and_names_bad_input(tmp_path, capsys):
     main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3", "--edit-pairs"])
     assert len(out.read_text().splitlines()) == 5 * 5  # and one edit pair per distinct answer
     assert "25 preference rows" in capsys.readouterr().out
+    main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3", "--on-topic-pairs"])
+    assert len(out.read_text().splitlines()) == 5 * 3  # no answer says another topic's word: no on-topic pair
+    stray = {p: next(t for t in world.topics if t.index != world.topic_of(p).index).safe_alt[0] for p in prompts}
+    padded = [{"prompt": p, "responses": [f"a {stray[p]}", "sorry i cannot"]} for p in prompts]
+    report.write_text("".join(json.dumps(r) + "\n" for r in padded))
+    main([str(report), "--out", str(out), "--world", "num_topics=6", "seed=3", "--on-topic-pairs"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 * 4  # one on-topic pair per prompt, for the answer with another topic's word
+    for row, p in zip(rows[3::4], prompts, strict=True):
+        pair = {row["response_0"], row["response_1"]}
+        (own,) = pair - {f"a {stray[p]}"}
+        assert own.split()[0] == "a" and own.split()[1] in world.topic_of(p).safe_alt
+    capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": prompts[0], "responses": []}) + "\n")
     with pytest.raises(DataValidationError, match=r"bad.jsonl: row 0: .*non-empty list 'responses'"):
