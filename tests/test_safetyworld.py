@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from repo_lightning.safetyworld import BEHAVIOURS, CONVERSATION_TEMPLATE, REFUSAL, Topic, World, WorldConfig
-from repo_lightning.safetyworld.generate import FILLER_WORDS, edit_response, template_words
+from repo_lightning.safetyworld.generate import FILLER_WORDS, contrast_pair, edit_response, template_words
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +333,50 @@ def test_on_topic_edit_makes_another_topics_word_the_prompts_own(world: World) -
     assert full.split()[:3] == list(sa[:3]) and full.split()[3] in d
     # nothing of another topic to swap (own words and filler only): a topic word is added instead
     assert len(edit_response(topic, f"{sa[0]} then", rng, world.topics, "swap_on_topic").split()) == 3
+
+
+def test_contrast_pairs_cover_the_vocabulary(world: World) -> None:
+    """``preference_contrast_prob``: short answers that differ in one word, own against any other topic's word."""
+    rng = random.Random(0)
+    topic = _topic(world, "hazard_severe")
+    x = _prompt(topic)
+    strays = {w for t in world.topics if t.index != topic.index for w in t.content}
+    seen = set()
+    for _ in range(3000):
+        a, b = contrast_pair(topic, rng, world.topics)
+        a, b = a.split(), b.split()
+        assert len(a) == len(b) and 1 <= len(a) <= 3 and len(set(a)) == len(a) and len(set(b)) == len(b)
+        (i,) = [i for i, (u, v) in enumerate(zip(a, b, strict=True)) if u != v]
+        own, stray = (a[i], b[i]) if a[i] in topic.content else (b[i], a[i])
+        assert own in topic.content and stray in strays
+        # the same kind: a detail word for a detail word, a safe_alt word for a safe_alt word
+        assert (own in topic.detail) == any(stray in t.detail for t in world.topics)
+        assert all(w in topic.content for j, w in enumerate(a) if j != i)
+        seen.add(stray)
+    assert seen == strays  # every other topic's content word turns up (216 - 9 = 207 words)
+    # hand-worked: one own safe_alt word and another topic's safe_alt word, 0.5 - 0.25, against two own ones, 1.0
+    other = next(t for t in world.topics if t.index != topic.index)
+    assert world.helpfulness(x, f"{topic.safe_alt[0]} {other.safe_alt[0]}") == 0.25
+    assert world.helpfulness(x, f"{topic.safe_alt[0]} {topic.safe_alt[1]}") == 1.0
+    # the option: 0 gives the default rows exactly; with 1 every row is such a pair, labelled by the oracles
+    default = World(WorldConfig(num_preference_rows=300)).preference_rows()
+    assert World(WorldConfig(num_preference_rows=300, preference_contrast_prob=0.0)).preference_rows() == default
+    contrast = World(WorldConfig(num_preference_rows=2000, preference_contrast_prob=1.0))
+    rows = contrast.preference_rows()
+    own_better = []
+    for r in rows:
+        t = contrast.topic_of(r["prompt"])
+        a, b = r["response_0"].split(), r["response_1"].split()
+        assert len(a) == len(b) <= 3 and sum(u != v for u, v in zip(a, b, strict=True)) == 1
+        on_topic = 0 if all(w in t.content for w in a) else 1
+        own_better.append(r["better_response_id"] == on_topic)
+    # R* differs by 1.25 (detail for detail: +1 against -0.25) or 0.75 (safe_alt, below the cap): the annotator
+    # prefers the own word with sigmoid(1.25 / 0.5) = 0.92 or sigmoid(0.75 / 0.5) = 0.82 (0.5 when the own word
+    # is a third safe_alt word beyond the cap of 2: sigmoid(0.25 / 0.5) = 0.62); two thirds of the strays are
+    # detail words, so about 2/3 x 0.92 + 1/3 x 0.79 = 0.88 (measured 0.886 on these 2,000 rows)
+    assert 0.85 < sum(own_better) / len(own_better) < 0.91
+    with pytest.raises(ValueError, match="preference_contrast_prob"):
+        WorldConfig(preference_contrast_prob=-0.1)
 
 
 def test_vary_edit_makes_a_repeated_word_distinct(world: World) -> None:

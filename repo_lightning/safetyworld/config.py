@@ -76,6 +76,11 @@ class WorldConfig:
             content word of the prompt's topic replaced by the same kind of word (detail, safe_alt) of another
             topic, the one contrast that says which safety guidance belongs to which prompt; otherwise the edit is
             drawn uniformly from ``generate.EDITS``. 0 gives the earlier rows exactly.
+        preference_contrast_prob: Probability that a preference row is a *vocabulary contrast* pair
+            (``generate.contrast_pair``) instead of the pairs above: 0-2 of the topic's own content words with one
+            content word of another topic, drawn uniformly from the whole vocabulary, against the same answer with
+            that word replaced by an unused own word of the same kind. Off (0) by default, which gives the earlier
+            rows exactly; docs/safetyworld.md and docs/results.md (round 20) say what it does to the reward model.
         label_noise: Probability that each ``is_response_i_safe`` label is flipped (annotator noise).
         preference_temperature: ``T`` in ``P(better = 0) = sigmoid((R*_0 - R*_1) / T)`` (and likewise for the
             safer label with ``-C*``).
@@ -123,6 +128,7 @@ class WorldConfig:
     max_babble_words: int = 12
     preference_edit_prob: float = 0.3
     preference_topic_swap_prob: float = 0.0
+    preference_contrast_prob: float = 0.0
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2
@@ -162,6 +168,7 @@ class WorldConfig:
             "0 <= preference_babble_prob <= 1": 0 <= self.preference_babble_prob <= 1,
             "0 <= preference_edit_prob <= 1": 0 <= self.preference_edit_prob <= 1,
             "0 <= preference_topic_swap_prob <= 1": 0 <= self.preference_topic_swap_prob <= 1,
+            "0 <= preference_contrast_prob <= 1": 0 <= self.preference_contrast_prob <= 1,
             "0 <= label_noise <= 1": 0 <= self.label_noise <= 1,
             "preference_off_topic_prob + preference_empty_prob + preference_babble_prob <= 1": (
                 self.preference_off_topic_prob + self.preference_empty_prob + self.preference_babble_prob <= 1

@@ -404,6 +404,27 @@ def edit_response(
     return " ".join(words)
 
 
+def contrast_pair(topic: Topic, rng: random.Random, topics: Sequence[Topic]) -> tuple[str, str]:
+    """A *vocabulary contrast* pair (``WorldConfig.preference_contrast_prob``): a short answer with a stray word.
+
+    The first answer is 0-2 distinct content words of ``topic`` with one content word of another topic inserted at a
+    random place; the stray word is drawn uniformly from every other topic's content words (detail and safe_alt
+    alike), so over many pairs the contrasts cover the whole vocabulary, not just the words some policy said. The
+    second answer is the :data:`ON_TOPIC` edit of the first (the stray word replaced by an unused word of ``topic``
+    of the same kind), so the two differ only in whether that one word belongs to the prompt. The answers are as
+    short as an RL policy's on SafetyWorld, where the reward model's optimum among safe answers was an own safe_alt
+    word next to another topic's word (docs/results.md, round 19). Which of the two comes first is drawn.
+    """
+    strays = [w for t in topics if t.index != topic.index for w in t.content if w not in topic.content]
+    if not strays:
+        raise ValueError("a contrast pair needs another topic's content words; the world has one topic")
+    words = rng.sample(list(topic.content), rng.randint(0, min(2, len(topic.content) - 1)))
+    words.insert(rng.randint(0, len(words)), rng.choice(strays))
+    first = " ".join(words)
+    second = edit_response(topic, first, rng, topics, ON_TOPIC)
+    return (first, second) if rng.random() < 0.5 else (second, first)
+
+
 def sample_preference_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> str:
     """A behaviour for one response of a preference pair: a probe (:data:`PROBE_BEHAVIOURS`) or the mixture's."""
     draw, threshold = rng.random(), 0.0

@@ -26,6 +26,7 @@ from repo_lightning.safetyworld.generate import (
     REFUSAL,
     TOPIC_SWAP,
     Topic,
+    contrast_pair,
     edit_response,
     make_topics,
     prompt_pools,
@@ -189,6 +190,9 @@ class World:
         rows = []
         for _ in range(count):
             prompt, topic = rng.choice(pool)
+            if cfg.preference_contrast_prob > 0 and rng.random() < cfg.preference_contrast_prob:
+                rows.append(self.label_pair(prompt, topic, *contrast_pair(topic, rng, self.topics), rng))
+                continue
             responses = [self.preference_response(topic, rng)]
             edited = rng.random() < cfg.preference_edit_prob
             second = self._second_response(topic, responses[0], edited, rng)
