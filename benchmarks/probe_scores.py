@@ -56,7 +56,7 @@ from transformers import AutoTokenizer
 
 from benchmarks.safety_compensation.cli import parse_world
 from repo_lightning.models.backbone import load_score_model, sequence_scores
-from repo_lightning.models.scorer import Scorer, retokenize
+from repo_lightning.models.scorer import Scorer, aggregate_rewards, retokenize
 from repo_lightning.safetyworld import Topic, World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE
 
@@ -107,6 +107,20 @@ def worst_case(score_fns: list[ScoreFn]) -> ScoreFn:
     if len(score_fns) == 1:
         return score_fns[0]
     return lambda prompts, answers: torch.stack([f(prompts, answers) for f in score_fns]).amax(0)
+
+
+def reward_ensemble(score_fns: list[ScoreFn], how: str = "mean_minus_std", kappa: float = 1.0) -> ScoreFn:
+    """Several reward models as the policy stage combines them (``reward_ensemble_paths`` with
+    ``scoring.reward_aggregate`` / ``reward_kappa``: ``aggregate_rewards``, each model aligned to the first over the
+    scored batch). The probe's batches are one prompt's candidates (or one table's answers), not rollouts, so the
+    alignment is over those."""
+    if len(score_fns) == 1:
+        return score_fns[0]
+
+    def combined(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return aggregate_rewards(torch.stack([f(prompts, answers) for f in score_fns], 1), how, kappa)[0]
+
+    return combined
 
 
 def probe(reward: ScoreFn, cost: ScoreFn, world: World, seed: int = 0) -> list[dict]:
@@ -326,7 +340,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("exports", type=Path, help="folder with reward/ and cost/ exports (e.g. <root>/exports)")
     parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE", help="WorldConfig fields of the run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    parser.add_argument("--reward", default="reward", help="the reward export's name (e.g. reward_r3)")
+    parser.add_argument(
+        "--reward",
+        nargs="+",
+        default=["reward"],
+        help="the reward export's name (e.g. reward_r3); with several, an ensemble combined as the policy stage "
+        "does with reward_ensemble_paths (--reward-aggregate, --reward-kappa)",
+    )
+    parser.add_argument("--reward-aggregate", default="mean_minus_std", choices=["mean", "mean_minus_std", "min"])
+    parser.add_argument("--reward-kappa", type=float, default=1.0)
     parser.add_argument(
         "--cost",
         nargs="+",
@@ -341,11 +363,13 @@ def main(argv: list[str] | None = None) -> None:
         "two-word answers the cost models call safe (about 1,500 a prompt; slower)",
     )
     args = parser.parse_args(argv)
-    for name in (args.reward, *args.cost):
+    for name in (*args.reward, *args.cost):
         if not (args.exports / name).is_dir():
             raise SystemExit(f"{args.exports}: expected the export folder {name}/ there (--reward / --cost)")
     world = World(WorldConfig(**parse_world(args.world)))
-    reward = scorer(args.exports, args.reward, num_labels=1)
+    reward = reward_ensemble(
+        [scorer(args.exports, name, num_labels=1) for name in args.reward], args.reward_aggregate, args.reward_kappa
+    )
     cost = worst_case([scorer(args.exports, name, num_labels=None) for name in args.cost])
     rows = probe(reward, cost, world)
     print("| kind | answer | R* | R | C* | C | P(C > 0) |\n|---|---|---:|---:|---:|---:|---:|")

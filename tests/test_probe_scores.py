@@ -18,6 +18,7 @@ from benchmarks.probe_scores import (
     canonical_answers,
     insertions,
     main,
+    reward_ensemble,
     worst_case,
 )
 from repo_lightning.safetyworld import World, WorldConfig
@@ -92,6 +93,13 @@ def test_probe_table_and_json(tiny_exports: dict[str, str], tmp_path: Path, caps
         assert sum(r[f"best is {b}"] for b in BEST_SAFE_KINDS) == pytest.approx(1.0)
         assert r["gap_to_two_own_safe_alt"] >= 0
     assert "among the one- and two-word answers the cost models call safe" in capsys.readouterr().out
+    # an ensemble of two copies of one reward model is that model (the second is aligned to the first exactly)
+    ensemble = tmp_path / "ensemble.json"
+    world_args = ["--world", *(f"{k}={v}" for k, v in TINY_WORLD.items())]
+    main([str(exports), "--reward", "reward", "reward", *world_args, "--json", str(ensemble)])
+    ensemble_rows = json.loads(ensemble.read_text())["answers"]
+    assert [r["answer"] for r in ensemble_rows] == [r["answer"] for r in rows]
+    assert [r["reward"] for r in ensemble_rows] == pytest.approx([r["reward"] for r in rows], abs=1e-5)
     with pytest.raises(SystemExit, match="export folder reward/"):
         main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="export folder cost_m1/"):
@@ -103,6 +111,26 @@ def test_worst_case_is_the_largest_cost_per_answer() -> None:
     b = lambda prompts, answers: torch.tensor([-1.0, -0.5, 0.75])  # noqa: E731
     assert worst_case([a, b])([], []).tolist() == [1.0, -0.5, 0.75]
     assert worst_case([a]) is a
+
+
+def test_reward_ensemble_combines_as_the_policy_stage_does() -> None:
+    """Members are aligned to the first over the scored batch: an affine copy adds nothing, a disagreeing one lowers
+    ``mean_minus_std`` where it disagrees."""
+    a = lambda prompts, answers: torch.tensor([1.0, -2.0, 0.5, 3.0])  # noqa: E731
+    affine = lambda prompts, answers: 3 * a(prompts, answers) + 1  # noqa: E731
+    assert reward_ensemble([a]) is a
+    for how in ("mean", "mean_minus_std", "min"):
+        assert torch.allclose(reward_ensemble([a, affine], how)([], []), a([], []), atol=1e-5)
+    # b ranks the last answer lowest; aligned to a's mean 0.625 and std 1.781 (b's: 0 and 1.225), b's -2 is -2.283
+    b = lambda prompts, answers: torch.tensor([1.0, 0.0, 1.0, -2.0])  # noqa: E731
+    combined = reward_ensemble([a, b], "mean_minus_std", kappa=1.0)([], [])
+    scores = torch.stack([a([], []), b([], [])], 1)
+    aligned_b = 0.625 + scores[:, 0].std(unbiased=False) * scores[:, 1] / scores[:, 1].std(unbiased=False)
+    assert aligned_b[3].item() == pytest.approx(-2.2833, abs=1e-4)
+    pair = torch.stack([scores[:, 0], aligned_b], 1)
+    assert torch.allclose(combined, pair.mean(1) - pair.std(1))
+    assert combined[3] < a([], [])[3] - 3  # the answer the members disagree on most loses the most
+    assert int(combined.argmax()) == 0
 
 
 def test_insertions_of_a_reward_model_that_is_the_oracle() -> None:
