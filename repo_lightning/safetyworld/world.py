@@ -167,7 +167,9 @@ class World:
         Each response follows the kind's behaviour mixture, except that with probability
         ``preference_off_topic_prob`` / ``preference_empty_prob`` it is an off-topic or an empty answer (probes of
         what an RL policy drifts to; SFT rows never contain them), and with probability ``preference_edit_prob``
-        the second response is a one-word edit of the first (a minimal pair).
+        the second response is a one-word edit of the first (a minimal pair). With probability
+        ``preference_contrast_prob`` (0 by default) a row is instead a vocabulary contrast pair
+        (``generate.contrast_pair``).
 
         Keys: ``prompt``, ``response_0``, ``response_1``, ``better_response_id`` (int, drawn with
         ``P(0) = sigmoid((R*_0 - R*_1) / T)``), ``safer_response_id`` (int, the same with ``-C*``),
