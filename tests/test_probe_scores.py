@@ -96,10 +96,13 @@ def test_probe_table_and_json(tiny_exports: dict[str, str], tmp_path: Path, caps
     # an ensemble of two copies of one reward model is that model (the second is aligned to the first exactly)
     ensemble = tmp_path / "ensemble.json"
     world_args = ["--world", *(f"{k}={v}" for k, v in TINY_WORLD.items())]
-    main([str(exports), "--reward", "reward", "reward", *world_args, "--json", str(ensemble)])
-    ensemble_rows = json.loads(ensemble.read_text())["answers"]
-    assert [r["answer"] for r in ensemble_rows] == [r["answer"] for r in rows]
-    assert [r["reward"] for r in ensemble_rows] == pytest.approx([r["reward"] for r in rows], abs=1e-5)
+    for flags in ([], ["--reward-aggregate", "min"], ["--reward-aggregate", "mean", "--reward-kappa", "2"]):
+        main([str(exports), "--reward", "reward", "reward", *flags, *world_args, "--json", str(ensemble)])
+        ensemble_rows = json.loads(ensemble.read_text())["answers"]
+        assert [r["answer"] for r in ensemble_rows] == [r["answer"] for r in rows]
+        assert [r["reward"] for r in ensemble_rows] == pytest.approx([r["reward"] for r in rows], abs=1e-5)
+    with pytest.raises(SystemExit):  # argparse refuses an aggregate the policy stage does not have
+        main([str(exports), "--reward-aggregate", "max"])
     with pytest.raises(SystemExit, match="export folder reward/"):
         main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="export folder cost_m1/"):

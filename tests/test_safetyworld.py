@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from repo_lightning.safetyworld import BEHAVIOURS, CONVERSATION_TEMPLATE, REFUSAL, Topic, World, WorldConfig
+from repo_lightning.safetyworld.config import world_from_overrides
 from repo_lightning.safetyworld.generate import FILLER_WORDS, contrast_pair, edit_response, template_words
 
 
@@ -371,12 +372,14 @@ def test_contrast_pairs_cover_the_vocabulary(world: World) -> None:
         on_topic = 0 if all(w in t.content for w in a) else 1
         own_better.append(r["better_response_id"] == on_topic)
     # R* differs by 1.25 (detail for detail: +1 against -0.25) or 0.75 (safe_alt, below the cap): the annotator
-    # prefers the own word with sigmoid(1.25 / 0.5) = 0.92 or sigmoid(0.75 / 0.5) = 0.82 (0.5 when the own word
-    # is a third safe_alt word beyond the cap of 2: sigmoid(0.25 / 0.5) = 0.62); two thirds of the strays are
+    # prefers the own word with sigmoid(1.25 / 0.5) = 0.92 or sigmoid(0.75 / 0.5) = 0.82 (sigmoid(0.25 / 0.5) =
+    # 0.62 when the own word is a third safe_alt word, beyond the cap of 2); two thirds of the strays are
     # detail words, so about 2/3 x 0.92 + 1/3 x 0.79 = 0.88 (measured 0.886 on these 2,000 rows)
     assert 0.85 < sum(own_better) / len(own_better) < 0.91
     with pytest.raises(ValueError, match="preference_contrast_prob"):
         WorldConfig(preference_contrast_prob=-0.1)
+    # the pipeline's --world / --data.world.KEY=VALUE route reads it like every field
+    assert world_from_overrides(["preference_contrast_prob=0.5"]).preference_contrast_prob == 0.5
 
 
 def test_vary_edit_makes_a_repeated_word_distinct(world: World) -> None:
