@@ -382,6 +382,84 @@ def test_contrast_pairs_cover_the_vocabulary(world: World) -> None:
     assert world_from_overrides(["preference_contrast_prob=0.5"]).preference_contrast_prob == 0.5
 
 
+def test_repeat_and_add_contrasts(world: World) -> None:
+    """``preference_contrast_repeat_share`` / ``_add_share``: a repeated or a missing own word, over every word."""
+    rng = random.Random(0)
+    topic = _topic(world, "hazard_severe")
+    x = _prompt(topic)
+    repeated, added = set(), set()
+    for _ in range(2000):
+        a, b = (r.split() for r in contrast_pair(topic, rng, world.topics, "vary"))
+        assert all(w in topic.content for w in a + b) and len(a) == len(b) and 2 <= len(a) <= 4
+        (i,) = [i for i, (u, v) in enumerate(zip(a, b, strict=True)) if u != v]
+        rep, dist = (a, b) if a.count(a[i]) > 1 else (b, a)
+        # one answer says a word 2-3 times; the other has one of the later repeats replaced by an unused word of
+        # the same kind (detail for detail, safe_alt for safe_alt)
+        assert 2 <= rep.count(rep[i]) <= 3 and rep[i] in rep[:i] and dist[i] not in rep
+        assert (rep[i] in topic.detail) == (dist[i] in topic.detail)
+        repeated.add(rep[i])
+        a, b = (r.split() for r in contrast_pair(topic, rng, world.topics, "add"))
+        short, long = (a, b) if len(a) < len(b) else (b, a)
+        assert 1 <= len(short) <= 2 and len(long) == len(short) + 1 and len(set(long)) == len(long)
+        (new,) = set(long) - set(short)
+        assert new in topic.content and [w for w in long if w != new] == short
+        added.add(new)
+    assert repeated == added == set(topic.content)  # every own word is repeated and added somewhere
+    with pytest.raises(ValueError, match="unknown contrast edit"):
+        contrast_pair(topic, rng, world.topics, "drop")
+    # hand-worked: R* counts distinct words, so a repeated safety word is worth one (0.5), two are worth 1.0
+    sa = topic.safe_alt
+    assert world.helpfulness(x, f"{sa[0]} {sa[0]}") == world.helpfulness(x, sa[0]) == 0.5
+    assert world.helpfulness(x, f"{sa[0]} {sa[1]}") == 1.0
+    # the option: the shares split the contrast rows; with both at 0 the rows are the stray-word ones (the
+    # test above); the annotator prefers the answer with more distinct words
+    mixed = World(
+        WorldConfig(
+            num_preference_rows=3000,
+            preference_contrast_prob=1.0,
+            preference_contrast_repeat_share=0.3,
+            preference_contrast_add_share=0.4,
+        )
+    )
+    kinds, more_better = [], []
+    for r in mixed.preference_rows():
+        t = mixed.topic_of(r["prompt"])
+        a, b = r["response_0"].split(), r["response_1"].split()
+        if len(a) != len(b):
+            kinds.append("add")
+            richer = 0 if len(a) > len(b) else 1
+        elif all(w in t.content for w in a + b):
+            kinds.append("vary")
+            richer = 0 if len(set(a)) > len(set(b)) else 1
+        else:
+            kinds.append("stray")
+            continue
+        more_better.append(r["better_response_id"] == richer)
+    shares = {k: kinds.count(k) / len(kinds) for k in ("vary", "add", "stray")}
+    assert abs(shares["vary"] - 0.3) < 0.04 and abs(shares["add"] - 0.4) < 0.04 and abs(shares["stray"] - 0.3) < 0.04
+    # the distinct word is worth +1 (detail) or +0.5 (safe_alt below the cap of 2) or 0 (a third safe_alt word):
+    # sigmoid(2) = 0.88, sigmoid(1) = 0.73, 0.5; about two thirds of the words are detail words, so a rate near
+    # 0.83 (measured 0.84 on these 2,085 rows); a shuffled label would give 0.5
+    assert 0.80 < sum(more_better) / len(more_better) < 0.88
+    for bad, match in (
+        ({"preference_contrast_repeat_share": -0.1}, "preference_contrast_repeat_share"),
+        ({"preference_contrast_repeat_share": 0.6, "preference_contrast_add_share": 0.6}, "their sum <= 1"),
+        (
+            {
+                "preference_contrast_repeat_share": 0.5,
+                "num_detail_words": 1,
+                "num_safe_alt_words": 1,
+                "max_detail_words": 1,
+                "max_safe_alt_words": 1,
+            },
+            "a kind with 2 words or more",
+        ),
+    ):
+        with pytest.raises(ValueError, match=match):
+            WorldConfig(**bad)
+    assert world_from_overrides(["preference_contrast_add_share=0.25"]).preference_contrast_add_share == 0.25
+
+
 def test_vary_edit_makes_a_repeated_word_distinct(world: World) -> None:
     """``vary`` replaces a later occurrence of a repeated content word by an unused word of the same kind."""
     rng = random.Random(0)

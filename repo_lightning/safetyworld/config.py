@@ -81,6 +81,13 @@ class WorldConfig:
             content word of another topic, drawn uniformly from the whole vocabulary, against the same answer with
             that word replaced by an unused own word of the same kind. Off (0) by default, which gives the earlier
             rows exactly; docs/safetyworld.md and docs/results.md (round 20) say what it does to the reward model.
+        preference_contrast_repeat_share: Share of the vocabulary contrast pairs that are *repeat* contrasts
+            (``generate.VARY``): an own content word said two or three times against the same answer with a repeat
+            replaced by an unused own word of the same kind (``R*`` counts distinct words). 0 by default.
+        preference_contrast_add_share: Share of the vocabulary contrast pairs that are *add* contrasts: one or two
+            own content words against the same answer with an unused own content word added. 0 by default; the
+            rest of the contrast pairs are the stray-word pairs above, and with both shares at 0 the rows are the
+            earlier ones exactly. docs/results.md (round 21) says what they do to the reward model.
         label_noise: Probability that each ``is_response_i_safe`` label is flipped (annotator noise).
         preference_temperature: ``T`` in ``P(better = 0) = sigmoid((R*_0 - R*_1) / T)`` (and likewise for the
             safer label with ``-C*``).
@@ -129,6 +136,8 @@ class WorldConfig:
     preference_edit_prob: float = 0.3
     preference_topic_swap_prob: float = 0.0
     preference_contrast_prob: float = 0.0
+    preference_contrast_repeat_share: float = 0.0
+    preference_contrast_add_share: float = 0.0
     label_noise: float = 0.02
     preference_temperature: float = 0.5
     eval_templates_per_verb: int = 2
@@ -169,6 +178,13 @@ class WorldConfig:
             "0 <= preference_edit_prob <= 1": 0 <= self.preference_edit_prob <= 1,
             "0 <= preference_topic_swap_prob <= 1": 0 <= self.preference_topic_swap_prob <= 1,
             "0 <= preference_contrast_prob <= 1": 0 <= self.preference_contrast_prob <= 1,
+            "0 <= preference_contrast_repeat_share, preference_contrast_add_share and their sum <= 1": (
+                min(self.preference_contrast_repeat_share, self.preference_contrast_add_share) >= 0
+                and self.preference_contrast_repeat_share + self.preference_contrast_add_share <= 1
+            ),
+            "preference_contrast_repeat_share == 0 or a kind with 2 words or more": (
+                self.preference_contrast_repeat_share == 0 or max(self.num_detail_words, self.num_safe_alt_words) >= 2
+            ),
             "0 <= label_noise <= 1": 0 <= self.label_noise <= 1,
             "preference_off_topic_prob + preference_empty_prob + preference_babble_prob <= 1": (
                 self.preference_off_topic_prob + self.preference_empty_prob + self.preference_babble_prob <= 1

@@ -404,25 +404,65 @@ def edit_response(
     return " ".join(words)
 
 
-def contrast_pair(topic: Topic, rng: random.Random, topics: Sequence[Topic]) -> tuple[str, str]:
-    """A *vocabulary contrast* pair (``WorldConfig.preference_contrast_prob``): a short answer with a stray word.
+#: The edits a vocabulary contrast pair (:func:`contrast_pair`) can be built from.
+CONTRAST_EDITS: tuple[str, ...] = (ON_TOPIC, VARY, "add")
 
-    The first answer is 0-2 distinct content words of ``topic`` with one content word of another topic inserted at a
-    random place; the stray word is drawn uniformly from every other topic's content words (detail and safe_alt
-    alike), so over many pairs the contrasts cover the whole vocabulary, not just the words some policy said. The
-    second answer is the :data:`ON_TOPIC` edit of the first (the stray word replaced by an unused word of ``topic``
-    of the same kind), so the two differ only in whether that one word belongs to the prompt. The answers are as
-    short as an RL policy's on SafetyWorld, where the reward model's optimum among safe answers was an own safe_alt
-    word next to another topic's word (docs/results.md, round 19). Which of the two comes first is drawn.
+
+def contrast_pair(topic: Topic, rng: random.Random, topics: Sequence[Topic], edit: str = ON_TOPIC) -> tuple[str, str]:
+    """A *vocabulary contrast* pair (``WorldConfig.preference_contrast_prob``): two short answers a word apart.
+
+    The answers are as short as an RL policy's on SafetyWorld, where a learned reward model's optimum among safe
+    answers was a short string of safe_alt words that the world does not pay for (docs/results.md, rounds 19-21).
+    Every word is drawn uniformly from the vocabulary it comes from, so over many pairs the contrasts cover every
+    word, not just the words some policy said. ``edit`` (one of :data:`CONTRAST_EDITS`) picks the contrast:
+
+    - :data:`ON_TOPIC` (a stray word): 0-2 distinct content words of ``topic`` with one content word of another
+      topic inserted at a random place (drawn from every other topic's detail and safe_alt words alike), against the
+      same answer with that word replaced by an unused word of ``topic`` of the same kind;
+    - :data:`VARY` (a repeated word): 1-2 distinct content words of ``topic`` with one of them said 1-2 more times,
+      against the same answer with one of the repeats replaced by an unused word of the same kind (``R*`` counts
+      distinct words, so the repeat adds nothing);
+    - ``"add"`` (a missing word): 1-2 distinct content words of ``topic`` against the same answer with an unused
+      content word of ``topic`` inserted at a random place.
+
+    Which of the two answers comes first is drawn.
     """
-    strays = [w for t in topics if t.index != topic.index for w in t.content if w not in topic.content]
-    if not strays:
-        raise ValueError("a contrast pair needs another topic's content words; the world has one topic")
-    words = rng.sample(list(topic.content), rng.randint(0, min(2, len(topic.content) - 1)))
-    words.insert(rng.randint(0, len(words)), rng.choice(strays))
-    first = " ".join(words)
-    second = edit_response(topic, first, rng, topics, ON_TOPIC)
+    if edit not in CONTRAST_EDITS:
+        raise ValueError(f"unknown contrast edit {edit!r}; expected one of {CONTRAST_EDITS}")
+    content = list(topic.content)
+    if edit == ON_TOPIC:
+        strays = [w for t in topics if t.index != topic.index for w in t.content if w not in topic.content]
+        if not strays:
+            raise ValueError("a contrast pair needs another topic's content words; the world has one topic")
+        words = rng.sample(content, rng.randint(0, min(2, len(content) - 1)))
+        words.insert(rng.randint(0, len(words)), rng.choice(strays))
+        first = " ".join(words)
+        second = edit_response(topic, first, rng, topics, ON_TOPIC)
+    elif edit == VARY:
+        # The repeat is replaced by an unused word of its kind, so the repeated word is drawn from a kind with two
+        # words or more and a second word, if any, never takes that kind's last unused word.
+        repeatable = [w for w in content if len(_same_kind(topic, w)) >= 2]
+        if not repeatable:
+            raise ValueError("a repeat contrast needs a topic with two words of one kind (detail or safe_alt)")
+        word = rng.choice(repeatable)
+        words = [word]
+        others = [u for u in content if u != word and any(x not in (word, u) for x in _same_kind(topic, word))]
+        if others and rng.random() < 0.5:
+            words.insert(rng.randint(0, 1), rng.choice(others))
+        for _ in range(rng.randint(1, 2)):
+            words.insert(rng.randint(words.index(word) + 1, len(words)), word)
+        first = " ".join(words)
+        second = edit_response(topic, first, rng, topics, VARY)
+    else:
+        words = rng.sample(content, rng.randint(1, min(2, len(content) - 1)))
+        first = " ".join(words)
+        words.insert(rng.randint(0, len(words)), rng.choice([w for w in content if w not in words]))
+        second = " ".join(words)
     return (first, second) if rng.random() < 0.5 else (second, first)
+
+
+def _same_kind(topic: Topic, word: str) -> tuple[str, ...]:
+    return topic.detail if word in topic.detail else topic.safe_alt
 
 
 def sample_preference_behaviour(topic: Topic, rng: random.Random, config: WorldConfig) -> str:

@@ -23,8 +23,10 @@ from repo_lightning.safetyworld import oracles
 from repo_lightning.safetyworld.config import WorldConfig
 from repo_lightning.safetyworld.generate import (
     FILLER_WORDS,
+    ON_TOPIC,
     REFUSAL,
     TOPIC_SWAP,
+    VARY,
     Topic,
     contrast_pair,
     edit_response,
@@ -169,7 +171,8 @@ class World:
         what an RL policy drifts to; SFT rows never contain them), and with probability ``preference_edit_prob``
         the second response is a one-word edit of the first (a minimal pair). With probability
         ``preference_contrast_prob`` (0 by default) a row is instead a vocabulary contrast pair
-        (``generate.contrast_pair``).
+        (``generate.contrast_pair``): a stray word, or with the shares ``preference_contrast_repeat_share`` and
+        ``preference_contrast_add_share`` a repeated or a missing word.
 
         Keys: ``prompt``, ``response_0``, ``response_1``, ``better_response_id`` (int, drawn with
         ``P(0) = sigmoid((R*_0 - R*_1) / T)``), ``safer_response_id`` (int, the same with ``-C*``),
@@ -193,7 +196,8 @@ class World:
         for _ in range(count):
             prompt, topic = rng.choice(pool)
             if cfg.preference_contrast_prob > 0 and rng.random() < cfg.preference_contrast_prob:
-                rows.append(self.label_pair(prompt, topic, *contrast_pair(topic, rng, self.topics), rng))
+                pair = contrast_pair(topic, rng, self.topics, self._contrast_edit(rng))
+                rows.append(self.label_pair(prompt, topic, *pair, rng))
                 continue
             responses = [self.preference_response(topic, rng)]
             edited = rng.random() < cfg.preference_edit_prob
@@ -205,6 +209,18 @@ class World:
             responses.append(second)
             rows.append(self.label_pair(prompt, topic, responses[0], responses[1], rng))
         return rows
+
+    def _contrast_edit(self, rng: random.Random) -> str:
+        """Which contrast a vocabulary contrast pair is (no draw when every contrast is a stray word, as before)."""
+        cfg = self.config
+        if cfg.preference_contrast_repeat_share == 0 and cfg.preference_contrast_add_share == 0:
+            return ON_TOPIC
+        draw = rng.random()
+        if draw < cfg.preference_contrast_repeat_share:
+            return VARY
+        if draw < cfg.preference_contrast_repeat_share + cfg.preference_contrast_add_share:
+            return "add"
+        return ON_TOPIC
 
     def label_pair(self, prompt: str, topic: Topic, response_0: str, response_1: str, rng: random.Random) -> dict:
         """One PKU-SafeRLHF-schema row for two responses to ``prompt``, labelled as the preference data is.
