@@ -390,14 +390,16 @@ def test_repeat_and_add_contrasts(world: World) -> None:
     repeated, added = set(), set()
     for _ in range(2000):
         a, b = (r.split() for r in contrast_pair(topic, rng, world.topics, "vary"))
-        assert all(w in topic.content for w in a + b) and len(a) == len(b) and 2 <= len(a) <= 4
-        (i,) = [i for i, (u, v) in enumerate(zip(a, b, strict=True)) if u != v]
-        rep, dist = (a, b) if a.count(a[i]) > 1 else (b, a)
-        # one answer says a word 2-3 times; the other has one of the later repeats replaced by an unused word of
-        # the same kind (detail for detail, safe_alt for safe_alt)
-        assert 2 <= rep.count(rep[i]) <= 3 and rep[i] in rep[:i] and dist[i] not in rep
-        assert (rep[i] in topic.detail) == (dist[i] in topic.detail)
-        repeated.add(rep[i])
+        assert all(w in topic.content for w in a + b) and (len(set(a)) < len(a)) != (len(set(b)) < len(b))
+        rep, dist = (a, b) if len(set(a)) < len(a) else (b, a)
+        # one answer says a word 2-3 times; in the other one repeat is an unused word of the same kind (detail
+        # for detail, safe_alt for safe_alt) and any other repeat is gone: "S S S" against "S T"
+        (word,) = [w for w in set(rep) if rep.count(w) > 1]
+        (new,) = set(dist) - set(rep)
+        assert 2 <= rep.count(word) <= 3 and len(set(dist)) == len(dist) == len(set(rep)) + 1
+        assert len(rep) - len(dist) == rep.count(word) - 2 and (word in topic.detail) == (new in topic.detail)
+        assert [w for w in dist if w != new] == [w for i, w in enumerate(rep) if w != word or word not in rep[:i]]
+        repeated.add(word)
         a, b = (r.split() for r in contrast_pair(topic, rng, world.topics, "add"))
         short, long = (a, b) if len(a) < len(b) else (b, a)
         assert 1 <= len(short) <= 2 and len(long) == len(short) + 1 and len(set(long)) == len(long)
@@ -425,15 +427,11 @@ def test_repeat_and_add_contrasts(world: World) -> None:
     for r in mixed.preference_rows():
         t = mixed.topic_of(r["prompt"])
         a, b = r["response_0"].split(), r["response_1"].split()
-        if len(a) != len(b):
-            kinds.append("add")
-            richer = 0 if len(a) > len(b) else 1
-        elif all(w in t.content for w in a + b):
-            kinds.append("vary")
-            richer = 0 if len(set(a)) > len(set(b)) else 1
-        else:
+        if not all(w in t.content for w in a + b):
             kinds.append("stray")
             continue
+        kinds.append("vary" if len(set(a)) < len(a) or len(set(b)) < len(b) else "add")
+        richer = 0 if len(set(a)) > len(set(b)) else 1
         more_better.append(r["better_response_id"] == richer)
     shares = {k: kinds.count(k) / len(kinds) for k in ("vary", "add", "stray")}
     assert abs(shares["vary"] - 0.3) < 0.04 and abs(shares["add"] - 0.4) < 0.04 and abs(shares["stray"] - 0.3) < 0.04

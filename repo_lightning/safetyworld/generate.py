@@ -420,8 +420,9 @@ def contrast_pair(topic: Topic, rng: random.Random, topics: Sequence[Topic], edi
       topic inserted at a random place (drawn from every other topic's detail and safe_alt words alike), against the
       same answer with that word replaced by an unused word of ``topic`` of the same kind;
     - :data:`VARY` (a repeated word): 1-2 distinct content words of ``topic`` with one of them said 1-2 more times,
-      against the same answer with one of the repeats replaced by an unused word of the same kind (``R*`` counts
-      distinct words, so the repeat adds nothing);
+      against the same answer with one repeat replaced by an unused word of the same kind and the other repeat, if
+      any, dropped (``R*`` counts distinct words, so a repeat adds nothing; the repeated answer is as long as the
+      other or one word longer, as "S S S" against "S T", so that length alone does not pay);
     - ``"add"`` (a missing word): 1-2 distinct content words of ``topic`` against the same answer with an unused
       content word of ``topic`` inserted at a random place.
 
@@ -452,7 +453,12 @@ def contrast_pair(topic: Topic, rng: random.Random, topics: Sequence[Topic], edi
         for _ in range(rng.randint(1, 2)):
             words.insert(rng.randint(words.index(word) + 1, len(words)), word)
         first = " ".join(words)
-        second = edit_response(topic, first, rng, topics, VARY)
+        # one repeat becomes an unused word of the kind (the VARY edit); any other repeat is dropped, so the
+        # repeated answer is as long as the distinct one or a word longer, and length alone does not pay
+        repeats = [i for i, w in enumerate(words) if w == word][1:]
+        keep = rng.choice(repeats)
+        words[keep] = rng.choice([u for u in _same_kind(topic, word) if u not in words])
+        second = " ".join(w for i, w in enumerate(words) if i not in repeats or i == keep)
     else:
         words = rng.sample(content, rng.randint(1, min(2, len(content) - 1)))
         first = " ".join(words)
