@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 from repo_lightning.safetyworld import BEHAVIOURS, CONVERSATION_TEMPLATE, REFUSAL, Topic, World, WorldConfig
 from repo_lightning.safetyworld.config import world_from_overrides
-from repo_lightning.safetyworld.generate import FILLER_WORDS, contrast_pair, edit_response, template_words
+from repo_lightning.safetyworld.edits import contrast_pair, edit_response
+from repo_lightning.safetyworld.generate import FILLER_WORDS, template_words
 
 
 @pytest.fixture(scope="module")

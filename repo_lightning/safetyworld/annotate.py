@@ -27,16 +27,16 @@ from pathlib import Path
 from repo_lightning.data.schema import DataValidationError
 from repo_lightning.data.sources import read_jsonl
 from repo_lightning.safetyworld.config import world_from_overrides
-from repo_lightning.safetyworld.generate import (
+from repo_lightning.safetyworld.edits import (
     EDITS,
     ON_TOPIC,
-    REFUSAL,
     TOPIC_SWAP,
     VARY,
     edit_response,
     on_topic_choices,
     vary_choices,
 )
+from repo_lightning.safetyworld.generate import REFUSAL
 from repo_lightning.safetyworld.world import World
 
 #: Redraws of the mixture partner while it equals the answer it is paired with.
@@ -60,16 +60,16 @@ def annotate_samples(
         reference_pairs: Also pair every distinct answer with a fresh draw from the preference mixture (the
             reference answers of the first round's data), not only the answers with each other: pairs of two
             similar policy answers say little about how they compare with the answers the data already covers.
-        edit_pairs: Also pair every distinct answer with a one-word edit of itself (:func:`.generate.edit_response`,
+        edit_pairs: Also pair every distinct answer with a one-word edit of itself (:func:`.edits.edit_response`,
             a minimal pair on the policy's own answer): an answer that says an on-topic content word more than once
-            gets that word varied (:data:`.generate.VARY`: one occurrence replaced by an unused word of the same
-            kind), any other answer an edit drawn uniformly from :data:`.generate.EDITS` and
-            :data:`.generate.TOPIC_SWAP`. Repeating a word that pays is the cheapest exploit of a learned reward
+            gets that word varied (:data:`.edits.VARY`: one occurrence replaced by an unused word of the same
+            kind), any other answer an edit drawn uniformly from :data:`.edits.EDITS` and
+            :data:`.edits.TOPIC_SWAP`. Repeating a word that pays is the cheapest exploit of a learned reward
             model that has not learnt that ``R*`` counts distinct words (docs/results.md, round 14); pairs against
             other answers rarely isolate it. Off by default (the earlier rounds' rows exactly).
         on_topic_pairs: Also pair every distinct answer that says another topic's content word with the same answer
             with one such word replaced by an unused word of the prompt's topic of the same kind
-            (:data:`.generate.ON_TOPIC`): the answer the learned reward models' optimum is made of, one own safety
+            (:data:`.edits.ON_TOPIC`): the answer the learned reward models' optimum is made of, one own safety
             word next to another topic's word, against two own safety words (docs/results.md round 19). Off by
             default.
 

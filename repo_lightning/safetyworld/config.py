@@ -68,21 +68,21 @@ class WorldConfig:
             scores above an on-topic answer.
         max_babble_words: Most words of a babble answer (the demo generates at most 12 tokens).
         preference_edit_prob: Probability that the second response of a preference pair is a one-word edit of
-            the first (a word added, dropped, repeated or swapped for an off-topic one; ``generate.edit_response``)
+            the first (a word added, dropped, repeated or swapped for an off-topic one; ``edits.edit_response``)
             instead of an independent draw. Independent draws differ in many words at once, mostly in their
             detail count, so they teach a reward model little about single words: whether a safe_alt word is the
             prompt topic's own, whether a repeated word counts. Minimal pairs isolate those.
-        preference_topic_swap_prob: Probability that such an edit is a *topic swap* (``generate.TOPIC_SWAP``): one
+        preference_topic_swap_prob: Probability that such an edit is a *topic swap* (``edits.TOPIC_SWAP``): one
             content word of the prompt's topic replaced by the same kind of word (detail, safe_alt) of another
             topic, the one contrast that says which safety guidance belongs to which prompt; otherwise the edit is
-            drawn uniformly from ``generate.EDITS``. 0 gives the earlier rows exactly.
+            drawn uniformly from ``edits.EDITS``. 0 gives the earlier rows exactly.
         preference_contrast_prob: Probability that a preference row is a *vocabulary contrast* pair
-            (``generate.contrast_pair``) instead of the pairs above: 0-2 of the topic's own content words with one
+            (``edits.contrast_pair``) instead of the pairs above: 0-2 of the topic's own content words with one
             content word of another topic, drawn uniformly from the whole vocabulary, against the same answer with
             that word replaced by an unused own word of the same kind. Off (0) by default, which gives the earlier
             rows exactly; docs/safetyworld.md and docs/results.md (round 20) say what it does to the reward model.
         preference_contrast_repeat_share: Share of the vocabulary contrast pairs that are *repeat* contrasts
-            (``generate.VARY``): an own content word said two or three times against the same answer with a repeat
+            (``edits.VARY``): an own content word said two or three times against the same answer with a repeat
             replaced by an unused own word of the same kind (``R*`` counts distinct words). 0 by default.
         preference_contrast_add_share: Share of the vocabulary contrast pairs that are *add* contrasts: one or two
             own content words against the same answer with an unused own content word added. 0 by default; the

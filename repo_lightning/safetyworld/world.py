@@ -21,15 +21,11 @@ from transformers import PreTrainedTokenizerFast
 
 from repo_lightning.safetyworld import oracles
 from repo_lightning.safetyworld.config import WorldConfig
+from repo_lightning.safetyworld.edits import ON_TOPIC, TOPIC_SWAP, VARY, contrast_pair, edit_response
 from repo_lightning.safetyworld.generate import (
     FILLER_WORDS,
-    ON_TOPIC,
     REFUSAL,
-    TOPIC_SWAP,
-    VARY,
     Topic,
-    contrast_pair,
-    edit_response,
     make_topics,
     prompt_pools,
     sample_behaviour,
@@ -171,7 +167,7 @@ class World:
         what an RL policy drifts to; SFT rows never contain them), and with probability ``preference_edit_prob``
         the second response is a one-word edit of the first (a minimal pair). With probability
         ``preference_contrast_prob`` (0 by default) a row is instead a vocabulary contrast pair
-        (``generate.contrast_pair``): a stray word, or with the shares ``preference_contrast_repeat_share`` and
+        (``edits.contrast_pair``): a stray word, or with the shares ``preference_contrast_repeat_share`` and
         ``preference_contrast_add_share`` a repeated or a missing word.
 
         Keys: ``prompt``, ``response_0``, ``response_1``, ``better_response_id`` (int, drawn with
