@@ -82,8 +82,9 @@ class WorldConfig:
             that word replaced by an unused own word of the same kind. Off (0) by default, which gives the earlier
             rows exactly; docs/safetyworld.md and docs/results.md (round 20) say what it does to the reward model.
         preference_contrast_repeat_share: Share of the vocabulary contrast pairs that are *repeat* contrasts
-            (``edits.VARY``): an own content word said two or three times against the same answer with a repeat
-            replaced by an unused own word of the same kind (``R*`` counts distinct words). 0 by default.
+            (``edits.contrast_pair``): an own content word said two or three times against the same answer with one
+            repeat replaced by an unused own word of the same kind and any other repeat dropped ("S S S" against
+            "S T"; ``R*`` counts distinct words). 0 by default.
         preference_contrast_add_share: Share of the vocabulary contrast pairs that are *add* contrasts: one or two
             own content words against the same answer with an unused own content word added. 0 by default; the
             rest of the contrast pairs are the stray-word pairs above, and with both shares at 0 the rows are the

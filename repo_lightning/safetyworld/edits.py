@@ -42,7 +42,7 @@ def vary_choices(topic: Topic, words: Sequence[str]) -> list[tuple[int, list[str
     choices = []
     for i, word in enumerate(words):
         if word in topic.content and word in words[:i]:
-            unused = [w for w in (topic.detail if word in topic.detail else topic.safe_alt) if w not in used]
+            unused = [w for w in _same_kind(topic, word) if w not in used]
             if unused:
                 choices.append((i, unused))
     return choices
