@@ -456,7 +456,8 @@ def test_repeat_and_add_contrasts(world: World) -> None:
     ):
         with pytest.raises(ValueError, match=match):
             WorldConfig(**bad)
-    assert world_from_overrides(["preference_contrast_add_share=0.25"]).preference_contrast_add_share == 0.25
+    both = world_from_overrides(["preference_contrast_add_share=0.25", "preference_contrast_repeat_share=0.3"])
+    assert (both.preference_contrast_add_share, both.preference_contrast_repeat_share) == (0.25, 0.3)
 
 
 def test_vary_edit_makes_a_repeated_word_distinct(world: World) -> None:
