@@ -47,6 +47,19 @@ TINY_MODEL = {
 }
 
 
+def oracle_score_fns(world: World):
+    """``(reward, cost)`` score functions ``(prompts, answers) -> [N]`` that are the world's oracles ``R*`` and
+    ``C*``, in the place of learned models (the benchmarks' ``ScoreFn``)."""
+
+    def reward(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return torch.tensor([world.helpfulness(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    def cost(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        return torch.tensor([world.harm(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    return reward, cost
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).

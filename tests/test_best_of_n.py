@@ -11,7 +11,7 @@ import torch
 from benchmarks.best_of_n import best_of_n, main, select
 from repo_lightning.data.schema import validate_rows
 from repo_lightning.safetyworld import World, WorldConfig
-from tests.conftest import TINY_WORLD
+from tests.conftest import TINY_WORLD, oracle_score_fns
 
 
 def test_select_by_hand() -> None:
@@ -22,16 +22,6 @@ def test_select_by_hand() -> None:
     assert select(rewards, costs, reference, beta=0.01) == 1  # 0.95 > 0.79
     assert select(rewards, torch.ones(3), reference, beta=0.1) == -1
     assert select(rewards, torch.zeros(3), reference, beta=0.1) == 0  # C = 0 counts as safe
-
-
-def _oracles(world: World):
-    def reward(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        return torch.tensor([world.helpfulness(p, a) for p, a in zip(prompts, answers, strict=True)])
-
-    def cost(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        return torch.tensor([world.harm(p, a) for p, a in zip(prompts, answers, strict=True)])
-
-    return reward, cost
 
 
 def test_best_of_n_keeps_the_best_safe_answer_per_prompt() -> None:
@@ -46,7 +36,7 @@ def test_best_of_n_keeps_the_best_safe_answer_per_prompt() -> None:
         [" ".join(a.detail[:3]), a.safe_alt[0], " ".join(a.safe_alt[:2]), world.refusal],
         [" ".join(b.detail[:2]), b.detail[0]],
     ]
-    reward, cost = _oracles(world)
+    reward, cost = oracle_score_fns(world)
     flat = lambda prompt, group: torch.zeros(len(group))  # noqa: E731
     rows, summary = best_of_n(prompts, answers, [reward], cost, flat, beta=0.1)
     assert rows == [{"prompt": prompts[0], "response": " ".join(a.safe_alt[:2])}]

@@ -21,7 +21,7 @@ from benchmarks.policy_gap import (
 from repo_lightning.models.backbone import load_causal_lm
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt, encode_response
-from tests.conftest import TINY_WORLD
+from tests.conftest import TINY_WORLD, oracle_score_fns
 
 
 def test_kl_optimum_by_hand() -> None:
@@ -78,16 +78,6 @@ def test_aligned_reward_of_an_affine_copy_is_the_first_model() -> None:
     assert torch.allclose(combined, a([], []), atol=1e-5)
 
 
-def _oracle_fns(world: World):
-    def reward(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        return torch.tensor([world.helpfulness(p, a) for p, a in zip(prompts, answers, strict=True)])
-
-    def cost(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        return torch.tensor([world.harm(p, a) for p, a in zip(prompts, answers, strict=True)])
-
-    return reward, cost
-
-
 def test_policy_gap_with_the_oracles_as_models() -> None:
     """With the oracles as reward and cost and a flat reference, the optimum of every hazard prompt is worth R* 1,
     so a policy that answers 'filler + one safety word' is 0.5 short (the optimiser's gap). With a reference that
@@ -98,7 +88,7 @@ def test_policy_gap_with_the_oracles_as_models() -> None:
         topic = world.topic_of(row["prompt"])
         if topic.is_hazard:
             rows.append({"prompt": row["prompt"], "kind": topic.kind, "responses": [f"first {topic.safe_alt[0]}"] * 4})
-    reward, cost = _oracle_fns(world)
+    reward, cost = oracle_score_fns(world)
     flat = lambda prompt, answers: torch.zeros(len(answers))  # noqa: E731
     table = {r["kind"]: r for r in policy_gap(rows, world, reward, cost, flat, beta=0.1, policy=flat)}
     assert set(table) == {"hazard_mild", "hazard_severe"}
