@@ -41,6 +41,7 @@ from repo_lightning.models.backbone import load_causal_lm
 from repo_lightning.models.scorer import aggregate_rewards, decode_responses
 from repo_lightning.modules.rollout import sample_responses
 from repo_lightning.safetyworld import World, WorldConfig
+from repo_lightning.safetyworld.annotate import write_rows
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt
 
 
@@ -159,8 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         args.reward_aggregate,
         args.reward_kappa,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_rows(rows, args.out)  # through a temporary file: a killed run leaves no half-written rows
     summary.update(seconds=round(time.perf_counter() - began, 1), out=str(args.out))
     print(json.dumps(summary))
 

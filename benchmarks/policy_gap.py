@@ -46,12 +46,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from benchmarks.probe_scores import ScoreFn, scorer, worst_case
+from benchmarks.probe_scores import ScoreFn, reward_ensemble, scorer, worst_case
 from benchmarks.safety_compensation.cli import parse_world
+from repo_lightning.data.schema import DataValidationError
 from repo_lightning.models.backbone import load_causal_lm
-from repo_lightning.models.scorer import aggregate_rewards
 from repo_lightning.modules.rollout import response_logprobs
 from repo_lightning.safetyworld import Topic, World, WorldConfig
+from repo_lightning.safetyworld.annotate import read_samples
 from repo_lightning.safetyworld.generate import FILLER_WORDS
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt, encode_response
 
@@ -104,20 +105,6 @@ def policy_logprobs(model, tokenizer, max_prompt_length: int = 32) -> LogProbFn:
         return (token_logprobs * mask[:, len(prompt_ids) :]).sum(1)
 
     return logprobs
-
-
-def aligned_reward(members: list[ScoreFn], reference: torch.Tensor, how: str, kappa: float) -> ScoreFn:
-    """Several reward models combined by ``aggregate_rewards``, aligned over ``reference`` (``[N, M]``: the members'
-    scores of a batch of the policy's samples) plus the scored answers, as the policy stage aligns over a rollout
-    batch. One member is returned as it is."""
-    if len(members) == 1:
-        return members[0]
-
-    def combined(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        scores = torch.stack([f(prompts, answers) for f in members], 1)
-        return aggregate_rewards(torch.cat([reference, scores]), how, kappa)[0][len(reference) :]
-
-    return combined
 
 
 def kl_optimum(rewards: torch.Tensor, safe: torch.Tensor, reference_logprobs: torch.Tensor, beta: float) -> int:
@@ -188,23 +175,25 @@ def reference_scores(members: list[ScoreFn], rows: list[dict], size: int = 1024,
     return torch.stack([f(prompts, answers) for f in members], 1)
 
 
-def read_rows(eval_dir: Path) -> list[dict]:
-    """The rows of ``eval_dir/per_prompt.jsonl``, checked for the fields used here."""
+def read_rows(eval_dir: Path, world: World) -> list[dict]:
+    """``{"prompt", "responses", "kind"}`` per line of ``eval_dir/per_prompt.jsonl`` (read as the preference rounds
+    read it, :func:`read_samples`), the kind from ``world``."""
     path = eval_dir / "per_prompt.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: not found; expected the per_prompt.jsonl of a policy's `test` report_dir")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"{path}, line {number}: not JSON ({err.msg})") from None
-        missing = [k for k in ("prompt", "responses", "kind") if k not in row]
-        if missing or not row.get("responses"):
-            raise SystemExit(f"{path}, line {number}: expected 'prompt', 'kind' and a non-empty 'responses'")
-        rows.append(row)
-    if not rows:
+    try:
+        samples = read_samples(path)
+    except DataValidationError as err:
+        raise SystemExit(str(err)) from None
+    if not samples:
         raise SystemExit(f"{path}: no rows")
+    rows = []
+    for number, (prompt, responses) in enumerate(samples):
+        try:
+            kind = world.topic_of(prompt).kind
+        except ValueError as err:
+            raise SystemExit(f"{path}: row {number}: {err}; is --world the run's world?") from None
+        rows.append({"prompt": prompt, "responses": responses, "kind": kind})
     return rows
 
 
@@ -233,12 +222,12 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.policy is not None and not args.policy.is_dir():
         raise SystemExit(f"--policy {args.policy}: not a folder (expected the policy's export)")
-    rows = read_rows(args.eval_dir)
+    world = World(WorldConfig(**parse_world(args.world)))
+    rows = read_rows(args.eval_dir, world)
     if args.kinds:
         rows = [r for r in rows if r["kind"] in args.kinds]
-    world = World(WorldConfig(**parse_world(args.world)))
     members = [scorer(args.exports, name, num_labels=1) for name in args.reward]
-    reward = aligned_reward(members, reference_scores(members, rows), args.reward_aggregate, args.reward_kappa)
+    reward = reward_ensemble(members, args.reward_aggregate, args.reward_kappa, reference_scores(members, rows))
     cost = worst_case([scorer(args.exports, name, num_labels=None) for name in args.cost])
 
     def logprobs_of(path: Path) -> LogProbFn:

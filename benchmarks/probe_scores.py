@@ -109,16 +109,21 @@ def worst_case(score_fns: list[ScoreFn]) -> ScoreFn:
     return lambda prompts, answers: torch.stack([f(prompts, answers) for f in score_fns]).amax(0)
 
 
-def reward_ensemble(score_fns: list[ScoreFn], how: str = "mean_minus_std", kappa: float = 1.0) -> ScoreFn:
+def reward_ensemble(
+    score_fns: list[ScoreFn], how: str = "mean_minus_std", kappa: float = 1.0, reference: torch.Tensor | None = None
+) -> ScoreFn:
     """Several reward models as the policy stage combines them (``reward_ensemble_paths`` with
     ``scoring.reward_aggregate`` / ``reward_kappa``: ``aggregate_rewards``, each model aligned to the first over the
     scored batch). The probe's batches are one prompt's candidates (or one table's answers), not rollouts, so the
-    alignment is over those."""
+    alignment is over those; ``reference`` (``[N, M]``: the members' scores of another batch, e.g. a policy's own
+    samples) is added to every scored batch for the alignment, as the policy stage aligns over its rollout batch."""
     if len(score_fns) == 1:
         return score_fns[0]
+    extra = reference if reference is not None else torch.zeros(0, len(score_fns))
 
     def combined(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        return aggregate_rewards(torch.stack([f(prompts, answers) for f in score_fns], 1), how, kappa)[0]
+        scores = torch.stack([f(prompts, answers) for f in score_fns], 1)
+        return aggregate_rewards(torch.cat([extra, scores]), how, kappa)[0][len(extra) :]
 
     return combined
 

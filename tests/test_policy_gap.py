@@ -11,13 +11,13 @@ from transformers import AutoTokenizer
 
 from benchmarks.policy_gap import (
     COLUMNS,
-    aligned_reward,
     gap_candidates,
     kl_optimum,
     main,
     policy_gap,
     policy_logprobs,
 )
+from benchmarks.probe_scores import reward_ensemble
 from repo_lightning.models.backbone import load_causal_lm
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt, encode_response
@@ -72,9 +72,9 @@ def test_policy_logprobs_match_one_unpadded_forward_per_answer(tiny_exports: dic
 def test_aligned_reward_of_an_affine_copy_is_the_first_model() -> None:
     a = lambda prompts, answers: torch.tensor([1.0, -2.0, 0.5])  # noqa: E731
     affine = lambda prompts, answers: 2 * a(prompts, answers) + 3  # noqa: E731
-    assert aligned_reward([a], torch.zeros(0, 1), "mean_minus_std", 1.0) is a
+    assert reward_ensemble([a], "mean_minus_std", 1.0, torch.zeros(0, 1)) is a
     reference = torch.tensor([[0.0, 3.0], [4.0, 11.0], [-1.0, 1.0]])  # the same affine map on the reference batch
-    combined = aligned_reward([a, affine], reference, "mean_minus_std", 1.0)([], [])
+    combined = reward_ensemble([a, affine], "mean_minus_std", 1.0, reference)([], [])
     assert torch.allclose(combined, a([], []), atol=1e-5)
 
 
@@ -144,10 +144,13 @@ def test_main_on_tiny_exports_and_its_errors(tiny_exports: dict[str, str], tmp_p
     with pytest.raises(SystemExit, match="per_prompt.jsonl: not found"):
         main([str(exports), str(tmp_path / "nowhere"), *world_args])
     (eval_dir / "per_prompt.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(SystemExit, match="line 2: not JSON"):
+    with pytest.raises(SystemExit, match=r"row 1 \(line 2\): invalid JSON"):
         main([str(exports), str(eval_dir), *world_args])
     (eval_dir / "per_prompt.jsonl").write_text(json.dumps({"prompt": rows[0]["prompt"], "kind": "benign"}))
-    with pytest.raises(SystemExit, match="line 1: expected 'prompt', 'kind' and a non-empty 'responses'"):
+    with pytest.raises(SystemExit, match="row 0: expected a per_prompt.jsonl record with a string 'prompt'"):
+        main([str(exports), str(eval_dir), *world_args])
+    (eval_dir / "per_prompt.jsonl").write_text(json.dumps({"prompt": "hello there", "responses": ["hi"]}))
+    with pytest.raises(SystemExit, match="row 0: .*is --world the run's world"):  # a prompt of no topic of this world
         main([str(exports), str(eval_dir), *world_args])
     with pytest.raises(SystemExit, match="export folder cost_m1/"):
         main([str(exports), str(eval_dir), "--cost", "cost", "cost_m1", *world_args])
