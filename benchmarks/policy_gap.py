@@ -55,6 +55,7 @@ from repo_lightning.safetyworld import Topic, World, WorldConfig
 from repo_lightning.safetyworld.annotate import read_samples
 from repo_lightning.safetyworld.generate import FILLER_WORDS
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt, encode_response
+from repo_lightning.warm_start import kl_optimum
 
 #: ``(prompt, answers) -> [K]`` log-probabilities of each answer and its eos under one policy.
 LogProbFn = Callable[[str, list[str]], torch.Tensor]
@@ -105,14 +106,6 @@ def policy_logprobs(model, tokenizer, max_prompt_length: int = 32) -> LogProbFn:
         return (token_logprobs * mask[:, len(prompt_ids) :]).sum(1)
 
     return logprobs
-
-
-def kl_optimum(rewards: torch.Tensor, safe: torch.Tensor, reference_logprobs: torch.Tensor, beta: float) -> int:
-    """Index of the safe answer with the largest ``R + beta log pi_ref``, or -1 when none is safe."""
-    if not bool(safe.any()):
-        return -1
-    objective = rewards.float() + beta * reference_logprobs.float()
-    return int(torch.where(safe, objective, torch.full_like(objective, -torch.inf)).argmax())
 
 
 def policy_gap(

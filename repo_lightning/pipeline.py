@@ -14,6 +14,7 @@ Example::
     python -m repo_lightning.pipeline --root runs/seed1 --seed 1 --algorithms ppo_lag repo
     python -m repo_lightning.pipeline --root runs/two_rounds --preference-rounds 2
     python -m repo_lightning.pipeline --root runs/world1 --world seed=1 num_topics=30 mild_frac=0.35
+    python -m repo_lightning.pipeline --root runs/warm --warm-start 32 --reward-ensemble 3 --cost-ensemble 3
 
 Preference rounds (``--preference-rounds``, default 1: none). With 2 or more, after the first reward and cost
 models each requested policy is trained once as a *collector* and sampled on the training prompts; its answers are
@@ -21,6 +22,13 @@ paired (with each other and with answers of the preference mixture) and labelled
 annotator (:mod:`repo_lightning.safetyworld.annotate`). The reward and cost models are then trained again from the
 SFT export on the generated pairs plus the new ones, and the final policies are trained from the SFT export with
 those models (docs/safetyworld.md, "Preference rounds on the policy's samples").
+
+Warm start (``--warm-start N``, default 0: none). After the reward and cost models, the SFT policy is sampled ``N``
+times on every RL prompt by a policy ``test`` run (the policy stage's own rollout and scoring, with the final reward
+and cost models and ensembles), the safe answer with the largest ``R + beta log pi_ref`` is kept per prompt
+(:mod:`repo_lightning.warm_start`), and the SFT export is fine-tuned on the kept answers (export ``sft_warm``,
+evaluated beside ``sft``). Every policy then starts from ``sft_warm``, which is also its reference
+(docs/algorithm.md, "Warm start").
 """
 
 from __future__ import annotations
@@ -33,12 +41,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import yaml
+
 from repo_lightning.console import StageFailed, run_stage, stage_line
 from repo_lightning.models.model_card import CARD_FILE, update_model_card
+from repo_lightning.modules.policy_config import Estimation
 from repo_lightning.pipeline_results import evaluation_figures, read_score_model_tests, write_summary
 from repo_lightning.safetyworld import World
 from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows
 from repo_lightning.safetyworld.config import WorldConfig, world_from_overrides
+from repo_lightning.warm_start import select_rows
 
 #: Answers sampled per training prompt from a collector policy for the next preference round.
 COLLECT_SAMPLES_PER_PROMPT = 8
@@ -48,6 +60,19 @@ ORACLE_SCORE_ARGS = [
     "--model.init_args.scoring.reward_source=oracle",
     "--model.init_args.scoring.cost_source=oracle",
 ]
+
+#: The warm start's fine-tune of the SFT export on the kept answers (SFT stage arguments; docs/results.md round 23).
+WARM_START_SFT_ARGS = [
+    "--model.init_args.optimizer.init_args.lr=0.0005",
+    "--trainer.max_epochs=3",
+    "--model.init_args.warmup_steps=5",
+]
+
+#: The policy config whose settings (scoring, evaluation, ``estimation.kl_coef``) the warm start samples with.
+WARM_START_CONFIG = "repo"
+
+#: The policy-stage argument that sets ``beta`` (the KL coefficient) on the command line.
+_KL_COEF_ARG = "--model.init_args.estimation.kl_coef="
 
 #: Prefixes of the ``extra["world"]`` arguments that set ``WorldConfig`` fields (``--data.world.seed=7``).
 _WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
@@ -118,6 +143,7 @@ class Pipeline:
             reward members'), combined as the worst case, the largest cost (``scoring.cost_aggregate: max``).
         resume: Skip the stages an earlier run in ``root`` finished with the same arguments and configs, up to the
             first one it did not (see :meth:`_run`); that one and every later one run again.
+        warm_start: Answers sampled per RL prompt for the best-of-n warm start (:meth:`warm_start`); 0: none.
     """
 
     def __init__(
@@ -131,7 +157,10 @@ class Pipeline:
         reward_ensemble: int = 1,
         resume: bool = False,
         cost_ensemble: int = 1,
+        warm_start: int = 0,
     ) -> None:
+        if warm_start < 0:
+            raise ValueError(f"warm_start must be >= 0 (answers per prompt; 0: none), got {warm_start}")
         if reward_ensemble < 1:
             raise ValueError(f"reward_ensemble must be >= 1, got {reward_ensemble}")
         if cost_ensemble < 1:
@@ -149,6 +178,11 @@ class Pipeline:
         self.skipped: list[str] = []
         self._stage_number = 0
         self._ran_a_stage = False
+        self.warm_start_samples = warm_start
+        #: The export every policy starts from (and is regularised towards): ``sft``, or ``sft_warm`` once
+        #: :meth:`warm_start` has run.
+        self.policy_start = "sft"
+        self.warm_start_summary: dict | None = None
 
     def export(self, name: str) -> str:
         """Export folder of a stage."""
@@ -346,13 +380,13 @@ class Pipeline:
             update_model_card(self.export(name), evaluation=figures)
 
     def _policy_args(
-        self, algorithm: str, run_name: str, extra: list[str] | None = None, models: str = ""
+        self, algorithm: str, run_name: str, extra: list[str] | None = None, models: str = "", start: str = ""
     ) -> list[str]:
         return [
             "--config",
             str(self.config_dir / f"{algorithm}.yaml"),
             *self._common("policy", run_name),
-            f"--model.init_args.actor_path={self.export('sft')}",
+            f"--model.init_args.actor_path={self.export(start or self.policy_start)}",
             f"--model.init_args.reward_model_path={self.export(models + 'reward')}",
             f"--model.init_args.cost_model_path={self.export(models + 'cost')}",
             f"--model.init_args.seed={self.seed}",
@@ -374,13 +408,71 @@ class Pipeline:
             ]
         return args
 
-    def evaluate_start(self) -> Path:
-        """Evaluate the SFT policy itself (the starting point), with the RePO config's evaluation settings."""
-        out = self.root / "eval" / "sft"
-        args = self._policy_args("repo", "eval_sft")
-        self._run("eval_sft", ["test", *args, f"--model.init_args.evaluation.report_dir={out}"])
-        self._card_evaluation("sft", evaluation_figures(out))
+    def evaluate_start(self, start: str = "sft") -> Path:
+        """Evaluate a start policy itself (export ``sft`` or ``sft_warm``) with the RePO config's evaluation."""
+        out = self.root / "eval" / start
+        args = self._policy_args("repo", f"eval_{start}", start=start)
+        self._run(f"eval_{start}", ["test", *args, f"--model.init_args.evaluation.report_dir={out}"])
+        self._card_evaluation(start, evaluation_figures(out))
         return out
+
+    def warm_start_beta(self) -> float:
+        """``beta`` of the warm start's ranking: the KL coefficient the policies train with.
+
+        The last ``--model.init_args.estimation.kl_coef=`` of ``extra["policy"]``, else the one in
+        :data:`WARM_START_CONFIG`'s YAML, else the policy stage's default.
+        """
+        for arg in reversed(self.extra.get("policy", [])):
+            if arg.startswith(_KL_COEF_ARG):
+                return float(arg[len(_KL_COEF_ARG) :])
+        config = yaml.safe_load((self.config_dir / f"{WARM_START_CONFIG}.yaml").read_text()) or {}
+        estimation = (config.get("model", {}).get("init_args", {}) or {}).get("estimation") or {}
+        return float(estimation.get("kl_coef", Estimation().kl_coef))
+
+    def warm_start(self) -> dict:
+        """The best-of-n warm start (:mod:`repo_lightning.warm_start`); afterwards every policy starts from it.
+
+        Stages ``sample_warm_start`` (a policy ``test`` run of the SFT export on the RL prompts, ``warm_start``
+        answers a prompt, with the final reward and cost models) and ``fit_sft_warm`` (the SFT export fine-tuned
+        on the kept answers, :data:`WARM_START_SFT_ARGS`; export ``sft_warm``). The rows and the selection's
+        summary are written to ``<root>/warm_start/``.
+
+        Returns:
+            The selection's summary (:func:`repo_lightning.warm_start.best_of_n`).
+        """
+        folder = self.root / "warm_start"
+        prompts = folder / "train_prompts.jsonl"
+        write_rows(self.world().rl_prompts(), prompts)
+        samples = folder / "samples"
+        args = self._policy_args(WARM_START_CONFIG, "warm_start_samples", start="sft")
+        self._run(
+            "sample_warm_start",
+            [
+                "test",
+                *args,
+                f"--model.init_args.evaluation.report_dir={samples}",
+                f"--model.init_args.evaluation.samples_per_prompt={self.warm_start_samples}",
+                f"--data.test_dataset={prompts}",
+            ],
+        )
+        rows = folder / "best_of_n.jsonl"
+        summary = select_rows(samples / "per_prompt.jsonl", rows, self.warm_start_beta())
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        args = [
+            "--config",
+            str(self.config_dir / "sft.yaml"),
+            *self._common("sft", "sft_warm"),
+            "--model.init_args.model_config=null",
+            f"--model.init_args.model_name_or_path={self.export('sft')}",
+            f"--data.dataset={rows}",
+            f"--data.tokenizer={self.export('sft')}",
+            *WARM_START_SFT_ARGS,
+            f"--model.init_args.export_dir={self.export('sft_warm')}",
+        ]
+        self._run("fit_sft_warm", ["fit", *args])
+        self.policy_start = "sft_warm"
+        self.warm_start_summary = summary
+        return summary
 
     def fit_policy(
         self, algorithm: str, name: str | None = None, extra: list[str] | None = None, models: str = ""
@@ -438,7 +530,8 @@ class Pipeline:
         default = asdict(WorldConfig())
         changed = {k: v for k, v in asdict(self.world().config).items() if v != default[k]}
         ensembles = {"reward": self.reward_ensemble, "cost": self.cost_ensemble}
-        return write_summary(self.root, evaluations, self.timings, self.score_model_tests(), changed, ensembles)
+        scorers = self.score_model_tests()
+        return write_summary(self.root, evaluations, self.timings, scorers, changed, ensembles, self.warm_start_summary)
 
 
 if __name__ == "__main__":

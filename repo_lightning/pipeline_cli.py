@@ -88,6 +88,16 @@ def main(argv: list[str] | None = None) -> None:
         "num_topics=30 mild_frac=0.35 (default: the shipped world)",
     )
     parser.add_argument(
+        "--warm-start",
+        type=int,
+        default=0,
+        metavar="N",
+        help="best-of-N warm start (default: %(default)s, none): sample the SFT policy N times on every RL prompt, "
+        "keep the answer the cost models call safe with the largest R + beta log pi_ref, fine-tune the SFT policy "
+        "on those (export sft_warm) and start every policy from it (docs/algorithm.md, 'Warm start'); 32 in "
+        "docs/results.md round 23",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="skip the stages an earlier run in --root finished with the same arguments and config files (an "
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seed must be in [0, {MAX_SEED - 1000 * members}], got {args.seed}")
     if args.policy_epochs is not None and args.policy_epochs < 1:
         parser.error(f"--policy-epochs must be >= 1, got {args.policy_epochs}")
+    if args.warm_start < 0:
+        parser.error(f"--warm-start must be >= 0 (answers per prompt; 0: none), got {args.warm_start}")
     if args.preference_rounds < 1:
         parser.error(f"--preference-rounds must be >= 1, got {args.preference_rounds}")
     if not Path(args.config_dir).is_dir():
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     # each ensemble member: its SFT start, then its reward and/or cost model
     member_stages = members + (args.reward_ensemble - 1) + (args.cost_ensemble - 1)
     planned = 6 + 2 * len(args.algorithms) + (args.preference_rounds - 1) * per_round + member_stages
+    planned += 3 if args.warm_start else 0  # sample, fine-tune, evaluate the warm start
     extra = {"world": [f"--data.world.{item}" for item in args.world]}
     if args.oracle_scores:
         extra["policy"] = list(ORACLE_SCORE_ARGS)
@@ -141,11 +154,15 @@ def main(argv: list[str] | None = None) -> None:
         reward_ensemble=args.reward_ensemble,
         resume=args.resume,
         cost_ensemble=args.cost_ensemble,
+        warm_start=args.warm_start,
     )
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:
         pipeline.train_rounds(args.algorithms, args.preference_rounds)
         evaluations = {"sft": pipeline.evaluate_start()}
+        if args.warm_start:
+            pipeline.warm_start()
+            evaluations["sft_warm"] = pipeline.evaluate_start("sft_warm")
         for algorithm in args.algorithms:
             evaluations[algorithm] = pipeline.train_policy(algorithm)
     except StageFailed as error:

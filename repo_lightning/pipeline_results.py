@@ -54,6 +54,7 @@ def write_summary(
     scorers: dict[str, dict[str, float]],
     world: dict[str, object] | None = None,
     ensembles: dict[str, int] | None = None,
+    warm_start: dict | None = None,
 ) -> str:
     """Side-by-side table of the evaluations, written with the wall times to ``summary.md`` and ``summary.json``.
 
@@ -64,6 +65,8 @@ def write_summary(
         scorers: :func:`read_score_model_tests` of the final models.
         world: The SafetyWorld's fields that differ from the defaults (``--world``); ``None`` or empty: the default.
         ensembles: Models the policies scored with, ``{"reward": n, "cost": m}`` (``None``: one of each).
+        warm_start: The warm start's selection summary (:func:`repo_lightning.warm_start.best_of_n`), or ``None``
+            when the policies started from the SFT export.
 
     Returns:
         ``summary.md`` without its wall-time section (the stage lines already showed the times).
@@ -88,6 +91,12 @@ def write_summary(
             f" The policies scored with {ensembles['reward']} reward model(s) (mean - std) and {ensembles['cost']} "
             "cost model(s) (the largest cost)."
         )
+    if warm_start:
+        per_prompt = warm_start["samples"] / max(warm_start["prompts"], 1)
+        scored += (
+            f" The policies started from the best-of-{per_prompt:.0f} warm start `sft_warm` ({warm_start['kept']} of "
+            f"{warm_start['prompts']} RL prompts kept a safe answer; beta {warm_start['beta']:g})."
+        )
     text = (
         "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
         f"are the learned models' judgement. SafetyWorld: {described}.{scored}\n\n{table}\n\n## Reports\n{reports}\n"
@@ -101,6 +110,7 @@ def write_summary(
                 "timings": timings,
                 "world": world or {},
                 "ensembles": ensembles,
+                "warm_start": warm_start,
             },
             indent=2,
         )

@@ -38,11 +38,15 @@ if "--model.init_args.evaluation.report_dir" in args:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"true_unsafe_response_rate": 0.5, "reward_mean": 1.0, "kl_mean": 0.0}
     (out / "metrics.json").write_text(json.dumps(metrics))
-    if "--data.test_dataset" in args:  # a collection round samples the training prompts
+    if "--data.test_dataset" in args:  # a collection round or the warm start samples the training prompts
         prompts = [json.loads(line)["prompt"] for line in open(args["--data.test_dataset"])]
         with open(out / "per_prompt.jsonl", "w") as handle:
-            for prompt in prompts[:20]:
+            for index, prompt in enumerate(prompts[:20]):
                 record = {"prompt": prompt, "responses": ["", "sorry i cannot help with that"]}
+                if out.name == "samples":  # the warm start's: scored; every fifth prompt has no safe answer
+                    cost = 1.0 if index % 5 == 0 else -1.0
+                    record.update(index=index, rewards=[0.5, 2.0], costs=[cost, cost], kl=[0.0, 0.0])
+                    record.update(lengths=[1, 7], ref_logprobs=[-1.0, -20.0])
                 handle.write(json.dumps(record) + chr(10))
 if "--data.extra_train_files" in args:
     files = json.loads(args["--data.extra_train_files"])
@@ -365,3 +369,41 @@ def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_befo
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_warm_start_runs_after_the_score_models_and_every_policy_starts_from_it(fake_stages, capsys):
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "ppo", "repo", "--warm-start", "16"])
+    stage_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    warm = ["sample_warm_start", "fit_sft_warm", "eval_sft_warm"]
+    policies = ["fit_ppo", "eval_ppo", "fit_repo", "eval_repo"]
+    assert [line.split()[1] for line in stage_lines] == [*FIRST_ROUND_STAGES, "eval_sft", *warm, *policies]
+    assert all(line.startswith(f"[{i}/13]") for i, line in enumerate(stage_lines, 1))
+    logs, exports, folder = fake_stages / "logs", fake_stages / "exports", fake_stages / "warm_start"
+    sample = (logs / "sample_warm_start.log").read_text().splitlines()[0]
+    assert f"actor_path={exports / 'sft'} " in sample and "configs/demo/repo.yaml" in sample
+    assert "evaluation.samples_per_prompt=16" in sample and f"test_dataset={folder / 'train_prompts.jsonl'}" in sample
+    # R + 0.1 log pi_ref (configs/demo/repo.yaml's kl_coef): 0.5 - 0.1 > 2.0 - 2.0; every fifth has no safe answer
+    rows = [json.loads(line) for line in (folder / "best_of_n.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(row["response"] == "" for row in rows)
+    fine_tune = (logs / "fit_sft_warm.log").read_text().splitlines()[0]
+    assert "configs/demo/sft.yaml" in fine_tune and f"model_name_or_path={exports / 'sft'} " in fine_tune
+    assert f"--data.dataset={folder / 'best_of_n.jsonl'} " in fine_tune
+    assert all(arg in fine_tune for arg in pipeline_module.WARM_START_SFT_ARGS)
+    assert fine_tune.rstrip().endswith(f"--model.init_args.export_dir={exports / 'sft_warm'}")
+    assert f"actor_path={exports / 'sft'} " in (logs / "eval_sft.log").read_text().splitlines()[0]
+    for stage in ("eval_sft_warm", "fit_ppo", "eval_ppo", "fit_repo", "eval_repo"):
+        assert f"actor_path={exports / 'sft_warm'} " in (logs / f"{stage}.log").read_text().splitlines()[0], stage
+    summary = json.loads((fake_stages / "summary.json").read_text())
+    assert summary["warm_start"]["kept"] == 16 and summary["warm_start"]["prompts"] == 20
+    assert "sft_warm" in summary["metrics"]
+    text = (fake_stages / "summary.md").read_text()
+    # best-of-2: the summary counts the answers the sampling stage gave (the fake gives 2 a prompt)
+    assert "best-of-2 warm start `sft_warm` (16 of 20 RL prompts kept a safe answer; beta 0.1)" in text
+
+
+def test_without_a_warm_start_the_policies_start_from_the_sft_export(fake_stages, capsys):
+    pipeline_main(["--root", str(fake_stages), "--algorithms", "repo"])
+    assert f"actor_path={fake_stages / 'exports' / 'sft'} " in (fake_stages / "logs" / "fit_repo.log").read_text()
+    assert not (fake_stages / "warm_start").exists()
+    assert json.loads((fake_stages / "summary.json").read_text())["warm_start"] is None
+    assert "warm start" not in (fake_stages / "summary.md").read_text()

@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 from benchmarks.policy_gap import (
     COLUMNS,
     gap_candidates,
-    kl_optimum,
     main,
     policy_gap,
     policy_logprobs,
@@ -22,18 +21,6 @@ from repo_lightning.models.backbone import load_causal_lm
 from repo_lightning.safetyworld import World, WorldConfig
 from repo_lightning.text.templates import SAFE_RLHF_TEMPLATE, encode_prompt, encode_response
 from tests.conftest import TINY_WORLD, oracle_score_fns
-
-
-def test_kl_optimum_by_hand() -> None:
-    """``argmax R + beta log pi_ref`` over the safe answers: the prior can outweigh a reward gap, an unsafe answer
-    never wins, and no safe answer gives -1."""
-    rewards = torch.tensor([1.0, 0.5, 2.0])
-    reference = torch.tensor([-10.0, -1.0, 0.0])
-    safe = torch.tensor([True, True, False])
-    assert kl_optimum(rewards, safe, reference, beta=0.1) == 1  # 1 - 1.0 = 0.0 < 0.5 - 0.1 = 0.4
-    assert kl_optimum(rewards, safe, reference, beta=0.01) == 0  # 1 - 0.1 = 0.9 > 0.49
-    assert kl_optimum(rewards, torch.ones(3, dtype=torch.bool), reference, beta=0.01) == 2
-    assert kl_optimum(rewards, torch.zeros(3, dtype=torch.bool), reference, beta=0.1) == -1
 
 
 def test_candidates_hold_the_best_safe_answer_and_no_duplicates() -> None:

@@ -47,7 +47,7 @@ HAZARD_KINDS: tuple[str, ...] = ("hazard_mild", "hazard_severe")
 BENIGN_KIND = "benign"
 
 _PER_RESPONSE_FIELDS: tuple[str, ...] = ("rewards", "costs", "kl", "lengths")
-_OPTIONAL_PER_RESPONSE_FIELDS: tuple[str, ...] = ("true_rewards", "true_costs", "refusals")
+_OPTIONAL_PER_RESPONSE_FIELDS: tuple[str, ...] = ("true_rewards", "true_costs", "refusals", "ref_logprobs")
 
 
 @dataclass
@@ -69,6 +69,9 @@ class PromptResult:
         true_rewards: Ground-truth helpfulness ``R*`` (SafetyWorld oracle) of each response, else ``None``.
         true_costs: Ground-truth harm ``C*`` of each response, else ``None``.
         refusals: Whether each response is a refusal (task-defined), else ``None``.
+        ref_logprobs: ``log pi_ref(response | prompt)`` of each response, the sum over its tokens of the reference
+            policy's log-probabilities (what the best-of-n warm start ranks by, :mod:`repo_lightning.warm_start`),
+            else ``None`` (reports written before it existed).
     """
 
     index: int
@@ -82,6 +85,7 @@ class PromptResult:
     true_rewards: list[float] | None = None
     true_costs: list[float] | None = None
     refusals: list[bool] | None = None
+    ref_logprobs: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict holding every field (``None`` for absent optional fields)."""
@@ -125,6 +129,7 @@ class PromptResult:
             true_rewards=optional("true_rewards", float),
             true_costs=optional("true_costs", float),
             refusals=optional("refusals", bool),
+            ref_logprobs=optional("ref_logprobs", float),
         )
 
 
@@ -132,8 +137,8 @@ def validate_results(results: Sequence[PromptResult]) -> None:
     """Checks that ``results`` can be summarised.
 
     Every prompt needs at least one response, every per-response list must have one entry per response, and
-    each optional field (``kind``, ``true_rewards``, ``true_costs``, ``refusals``) must be given for all
-    prompts or for none, so that every rate is over the same prompts.
+    each optional field (``kind``, ``true_rewards``, ``true_costs``, ``refusals``, ``ref_logprobs``) must be given
+    for all prompts or for none, so that every rate is over the same prompts.
 
     Args:
         results: One record per held-out prompt.

@@ -229,6 +229,7 @@ def prompt_results(rollout: Rollout, batch: PromptBatch, k: int, oracle=None) ->
     """Per-prompt evaluation records of ``k`` samples per prompt (algorithm.md section 9)."""
     mask = rollout.response_mask
     kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1).view(-1, k).tolist()
+    ref_logprobs = (rollout.ref_logprobs * mask).sum(1).view(-1, k).tolist()
     lengths = mask.sum(1).long().view(-1, k).tolist()
     rewards = rollout.rewards.float().view(-1, k).tolist()
     costs = (
@@ -255,6 +256,7 @@ def prompt_results(rollout: Rollout, batch: PromptBatch, k: int, oracle=None) ->
                 kl=kl[i],
                 lengths=lengths[i],
                 kind=meta.get("kind"),
+                ref_logprobs=ref_logprobs[i],
                 **truth,
             )
         )
