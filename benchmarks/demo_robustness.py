@@ -19,6 +19,7 @@ Examples::
     python benchmarks/demo_robustness.py --oracle-scores --threads 1 --out /tmp/ceiling   # perfect scores
     python benchmarks/demo_robustness.py --world seed=1 num_topics=30 mild_frac=0.35 --out /tmp/world1
     python benchmarks/demo_robustness.py --cost-ensemble 3 --policy-epochs 12 --threads 1   # round 11's setting
+    python benchmarks/demo_robustness.py --reward-ensemble 3 --cost-ensemble 3 --warm-start 32   # round 24's
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def run_pipeline(
     resume: bool = False,
     cost_ensemble: int = 1,
     policy_epochs: int | None = None,
+    warm_start: int = 0,
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -70,6 +72,8 @@ def run_pipeline(
         command += ["--cost-ensemble", str(cost_ensemble)]
     if policy_epochs is not None:
         command += ["--policy-epochs", str(policy_epochs)]
+    if warm_start:
+        command += ["--warm-start", str(warm_start)]
     if world:
         command += ["--world", *world]
     if resume:
@@ -162,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         help="passed to the pipeline: epochs of every policy stage, PPO's too (default: the configs' own)",
     )
     parser.add_argument(
+        "--warm-start",
+        type=int,
+        default=0,
+        metavar="N",
+        help="passed to the pipeline: a best-of-N warm start (docs/algorithm.md 15; default 0: none)",
+    )
+    parser.add_argument(
         "--world",
         nargs="+",
         default=[],
@@ -186,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         "--reward-ensemble": args.reward_ensemble,
         "--cost-ensemble": args.cost_ensemble,
         "--policy-epochs": 1 if args.policy_epochs is None else args.policy_epochs,
+        "--warm-start": args.warm_start + 1,  # 0 (none) is allowed
     }
     for flag, value in counts.items():
         if value < 1:
-            floor = 0 if flag == "--seeds" else 1
+            floor = 0 if flag in ("--seeds", "--warm-start") else 1
             parser.error(f"{flag} must be >= {floor}, got {getattr(args, flag[2:].replace('-', '_'))}")
     out = Path(args.out)
     repo_config = yaml.safe_load((REPO_ROOT / args.config_dir / "repo.yaml").read_text())
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.resume,
                 args.cost_ensemble,
                 args.policy_epochs,
+                args.warm_start,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -234,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "reward_ensemble": args.reward_ensemble,
             "cost_ensemble": args.cost_ensemble,
             "policy_epochs": args.policy_epochs,
+            "warm_start": args.warm_start,
             "preference_rounds": args.preference_rounds,
             "oracle_scores": args.oracle_scores,
         },

@@ -62,6 +62,8 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert commands[4][-2:] == ["--cost-ensemble", "3"] and "--cost-ensemble" not in commands[3]
     robustness.run_pipeline(tmp_path / "f", 1, 2, "configs/demo", policy_epochs=12)
     assert commands[5][-2:] == ["--policy-epochs", "12"] and "--policy-epochs" not in commands[4]
+    robustness.run_pipeline(tmp_path / "g", 1, 2, "configs/demo", warm_start=32)
+    assert commands[6][-2:] == ["--warm-start", "32"] and "--warm-start" not in commands[5]
 
 
 def test_impossible_counts_are_refused_before_any_pipeline_runs(tmp_path, capsys):
@@ -71,6 +73,7 @@ def test_impossible_counts_are_refused_before_any_pipeline_runs(tmp_path, capsys
         (["--seeds", "-1"], "--seeds must be >= 0, got [-1]"),
         (["--cost-ensemble", "0"], "--cost-ensemble must be >= 1, got 0"),
         (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--warm-start", "-1"], "--warm-start must be >= 0, got -1"),
     ):
         try:
             robustness.main([*flags, "--out", str(tmp_path / "out")])
