@@ -33,24 +33,18 @@ evaluated beside ``sft``). Every policy then starts from ``sft_warm``, which is 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
-from repo_lightning.console import StageFailed, run_stage, stage_line
+from repo_lightning.console import stage_line
 from repo_lightning.models.model_card import CARD_FILE, update_model_card
-from repo_lightning.modules.policy_config import Estimation
 from repo_lightning.pipeline_results import evaluation_figures, read_score_model_tests, write_summary
+from repo_lightning.pipeline_stages import latest_checkpoint, run_cli, stage_record
 from repo_lightning.safetyworld import World
 from repo_lightning.safetyworld.annotate import annotate_samples, read_samples, write_rows
 from repo_lightning.safetyworld.config import WorldConfig, world_from_overrides
-from repo_lightning.warm_start import select_rows
+from repo_lightning.warm_start import policy_kl_coef, select_rows
 
 #: Answers sampled per training prompt from a collector policy for the next preference round.
 COLLECT_SAMPLES_PER_PROMPT = 8
@@ -71,57 +65,8 @@ WARM_START_SFT_ARGS = [
 #: The policy config whose settings (scoring, evaluation, ``estimation.kl_coef``) the warm start samples with.
 WARM_START_CONFIG = "repo"
 
-#: The policy-stage argument that sets ``beta`` (the KL coefficient) on the command line.
-_KL_COEF_ARG = "--model.init_args.estimation.kl_coef="
-
 #: Prefixes of the ``extra["world"]`` arguments that set ``WorldConfig`` fields (``--data.world.seed=7``).
 _WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
-
-#: How a stage is run: ``python -m repo_lightning <subcommand> ...`` in this interpreter.
-STAGE_COMMAND = [sys.executable, "-m", "repo_lightning"]
-
-
-def run_cli(args: list[str], log_file: Path | None = None, label: str | None = None) -> float:
-    """Run ``python -m repo_lightning ARGS`` in a subprocess.
-
-    With ``log_file`` the output goes to that file and the terminal gets one line for the stage (progress bar, then
-    outcome and wall time, :func:`repo_lightning.console.run_stage`); without it the output is shown as it comes.
-
-    Returns:
-        The wall time in seconds.
-
-    Raises:
-        StageFailed: the stage exited with an error (with ``log_file``: the message names it and ends with its tail).
-    """
-    command = [*STAGE_COMMAND, *args]
-    if log_file is not None:
-        return run_stage(command, log_file, label or args[0])
-    start = time.perf_counter()
-    print("$", " ".join(command), flush=True)
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise StageFailed(f"stage failed (exit code {result.returncode}): {' '.join(args)}")
-    return time.perf_counter() - start
-
-
-def stage_record(args: list[str]) -> str:
-    """What identifies a finished stage for ``--resume``: its arguments and the SHA-256 of each ``--config`` file."""
-    configs = {}
-    for index, arg in enumerate(args):
-        path = args[index + 1] if arg == "--config" and index + 1 < len(args) else None
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path is not None and Path(path).is_file():
-            configs[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return json.dumps({"args": args, "configs": configs}, indent=1) + "\n"
-
-
-def latest_checkpoint(folder: Path) -> Path:
-    """Newest ``*.ckpt`` under ``folder``."""
-    found = sorted(folder.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no checkpoint under {folder}")
-    return found[-1]
 
 
 class Pipeline:
@@ -417,17 +362,8 @@ class Pipeline:
         return out
 
     def warm_start_beta(self) -> float:
-        """``beta`` of the warm start's ranking: the KL coefficient the policies train with.
-
-        The last ``--model.init_args.estimation.kl_coef=`` of ``extra["policy"]``, else the one in
-        :data:`WARM_START_CONFIG`'s YAML, else the policy stage's default.
-        """
-        for arg in reversed(self.extra.get("policy", [])):
-            if arg.startswith(_KL_COEF_ARG):
-                return float(arg[len(_KL_COEF_ARG) :])
-        config = yaml.safe_load((self.config_dir / f"{WARM_START_CONFIG}.yaml").read_text()) or {}
-        estimation = (config.get("model", {}).get("init_args", {}) or {}).get("estimation") or {}
-        return float(estimation.get("kl_coef", Estimation().kl_coef))
+        """``beta`` of the warm start's ranking (:func:`repo_lightning.warm_start.policy_kl_coef`)."""
+        return policy_kl_coef(self.config_dir / f"{WARM_START_CONFIG}.yaml", self.extra.get("policy", []))
 
     def warm_start(self) -> dict:
         """The best-of-n warm start (:mod:`repo_lightning.warm_start`); afterwards every policy starts from it.

@@ -33,11 +33,30 @@ import math
 from pathlib import Path
 
 import torch
+import yaml
 
 from repo_lightning.data.schema import DataValidationError
 from repo_lightning.data.sources import read_jsonl
 from repo_lightning.evaluation import PromptResult
+from repo_lightning.modules.policy_config import Estimation
 from repo_lightning.safetyworld.annotate import write_rows
+
+#: The policy-stage argument that sets ``beta`` (the KL coefficient) on the command line.
+KL_COEF_ARG = "--model.init_args.estimation.kl_coef="
+
+
+def policy_kl_coef(config: str | Path, policy_args: list[str] = ()) -> float:
+    """The KL coefficient (``beta``) a policy stage trains with.
+
+    The last ``--model.init_args.estimation.kl_coef=`` of ``policy_args``, else the one in the ``config`` YAML, else
+    the stage's default.
+    """
+    for arg in reversed(policy_args):
+        if arg.startswith(KL_COEF_ARG):
+            return float(arg[len(KL_COEF_ARG) :])
+    loaded = yaml.safe_load(Path(config).read_text()) or {}
+    estimation = (loaded.get("model", {}).get("init_args", {}) or {}).get("estimation") or {}
+    return float(estimation.get("kl_coef", Estimation().kl_coef))
 
 
 def kl_optimum(rewards: torch.Tensor, safe: torch.Tensor, reference_logprobs: torch.Tensor, beta: float) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import repo_lightning.pipeline as pipeline_module
+import repo_lightning.pipeline_stages as pipeline_stages
 from repo_lightning.console import StageFailed, read_progress, run_stage
 from repo_lightning.pipeline_cli import main as pipeline_main
 
@@ -72,7 +73,7 @@ FINAL_ROUND_STAGES = [
 def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script = tmp_path / "fake_stage.py"
     script.write_text(FAKE_STAGE)
-    monkeypatch.setattr(pipeline_module, "STAGE_COMMAND", [sys.executable, str(script)])
+    monkeypatch.setattr(pipeline_stages, "STAGE_COMMAND", [sys.executable, str(script)])
     monkeypatch.delenv("REPO_LIGHTNING_VERBOSE", raising=False)
     return tmp_path / "run"
 
