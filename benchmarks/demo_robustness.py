@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from repo_lightning.pipeline import parse_stage_args
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +53,7 @@ def run_pipeline(
     cost_ensemble: int = 1,
     policy_epochs: int | None = None,
     warm_start: int = 0,
+    stage_args: list[str] = (),
 ) -> float:
     """One full demo pipeline (``ppo`` and ``repo``) with ``threads`` intra-op threads; returns its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -74,6 +77,8 @@ def run_pipeline(
         command += ["--policy-epochs", str(policy_epochs)]
     if warm_start:
         command += ["--warm-start", str(warm_start)]
+    for item in stage_args:
+        command += ["--stage-arg", item]
     if world:
         command += ["--world", *world]
     if resume:
@@ -173,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         help="passed to the pipeline: a best-of-N warm start (docs/algorithm.md 15; default 0: none)",
     )
     parser.add_argument(
+        "--stage-arg",
+        action="append",
+        default=[],
+        metavar="STAGE=ARG",
+        help="passed to the pipeline: one more argument of a stage (sft, reward, cost, policy), e.g. "
+        "reward=--trainer.max_epochs=2; repeat for more",
+    )
+    parser.add_argument(
         "--world",
         nargs="+",
         default=[],
@@ -203,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             floor = 0 if flag in ("--seeds", "--warm-start") else 1
             parser.error(f"{flag} must be >= {floor}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    try:
+        parse_stage_args(args.stage_arg)
+    except ValueError as error:
+        parser.error(f"--stage-arg: {error}")
     out = Path(args.out)
     repo_config = yaml.safe_load((REPO_ROOT / args.config_dir / "repo.yaml").read_text())
     cap = float(repo_config["model"]["init_args"]["dual"]["init_args"]["maximum"])
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.cost_ensemble,
                 args.policy_epochs,
                 args.warm_start,
+                stage_args=args.stage_arg,
             )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -248,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "cost_ensemble": args.cost_ensemble,
             "policy_epochs": args.policy_epochs,
             "warm_start": args.warm_start,
+            "stage_args": args.stage_arg,
             "preference_rounds": args.preference_rounds,
             "oracle_scores": args.oracle_scores,
         },

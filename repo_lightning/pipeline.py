@@ -15,6 +15,7 @@ Example::
     python -m repo_lightning.pipeline --root runs/two_rounds --preference-rounds 2
     python -m repo_lightning.pipeline --root runs/world1 --world seed=1 num_topics=30 mild_frac=0.35
     python -m repo_lightning.pipeline --root runs/warm --warm-start 32 --reward-ensemble 3 --cost-ensemble 3
+    python -m repo_lightning.pipeline --root runs/short --stage-arg reward=--trainer.max_epochs=2
 
 Preference rounds (``--preference-rounds``, default 1: none). With 2 or more, after the first reward and cost
 models each requested policy is trained once as a *collector* and sampled on the training prompts; its answers are
@@ -29,6 +30,11 @@ and cost models and ensembles), the safe answer with the largest ``R + beta log 
 (:mod:`repo_lightning.warm_start`), and the SFT export is fine-tuned on the kept answers (export ``sft_warm``,
 evaluated beside ``sft``). Every policy then starts from ``sft_warm``, which is also its reference
 (docs/algorithm.md, "Warm start").
+
+Stage arguments (``--stage-arg STAGE=--key=value``, repeatable). One more argument for every run of a stage (``sft``,
+``reward``, ``cost`` or ``policy``), after the stage's config so that it overrides the config's value: a stage can be
+changed without a copy of the config folder. ``--data.world.KEY=VALUE`` given this way changes that stage's data only.
+The summary names them.
 """
 
 from __future__ import annotations
@@ -65,6 +71,30 @@ WARM_START_SFT_ARGS = [
 #: The policy config whose settings (scoring, evaluation, ``estimation.kl_coef``) the warm start samples with.
 WARM_START_CONFIG = "repo"
 
+#: Stages whose command lines ``--stage-arg STAGE=ARG`` can extend (``sft`` includes the warm start's fine-tune).
+STAGE_ARG_STAGES = ("sft", "reward", "cost", "policy")
+
+
+def parse_stage_args(items: list[str]) -> dict[str, list[str]]:
+    """``--stage-arg`` values (``STAGE=--key=value``) as extra CLI arguments per stage, in the order given.
+
+    Raises:
+        ValueError: An item without a known stage before its first ``=``, or whose argument is not ``--key=value``.
+    """
+    found: dict[str, list[str]] = {}
+    for item in items:
+        stage, _, arg = item.partition("=")
+        if stage not in STAGE_ARG_STAGES:
+            raise ValueError(f"{item!r}: expected STAGE=--key=value with STAGE one of {', '.join(STAGE_ARG_STAGES)}")
+        if not arg.startswith("--") or "=" not in arg or arg.startswith("--="):
+            raise ValueError(
+                f"{item!r}: expected STAGE=--key=value, one argument of the stage's command line "
+                "(e.g. reward=--trainer.max_epochs=2)"
+            )
+        found.setdefault(stage, []).append(arg)
+    return found
+
+
 #: Prefixes of the ``extra["world"]`` arguments that set ``WorldConfig`` fields (``--data.world.seed=7``).
 _WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
 
@@ -89,6 +119,8 @@ class Pipeline:
         resume: Skip the stages an earlier run in ``root`` finished with the same arguments and configs, up to the
             first one it did not (see :meth:`_run`); that one and every later one run again.
         warm_start: Answers sampled per RL prompt for the best-of-n warm start (:meth:`warm_start`); 0: none.
+        stage_args: The user's extra CLI arguments per stage (``--stage-arg``, :func:`parse_stage_args`), added
+            after ``extra``'s (so they win) and named in the summary.
     """
 
     def __init__(
@@ -103,6 +135,7 @@ class Pipeline:
         resume: bool = False,
         cost_ensemble: int = 1,
         warm_start: int = 0,
+        stage_args: dict[str, list[str]] | None = None,
     ) -> None:
         if warm_start < 0:
             raise ValueError(f"warm_start must be >= 0 (answers per prompt; 0: none), got {warm_start}")
@@ -115,7 +148,10 @@ class Pipeline:
         self.root = Path(root)
         self.config_dir = Path(config_dir)
         self.seed = seed
-        self.extra = extra or {}
+        self.stage_args = stage_args or {}
+        self.extra = {k: list(v) for k, v in (extra or {}).items()}
+        for stage, args in self.stage_args.items():
+            self.extra[stage] = [*self.extra.get(stage, []), *args]
         self.quiet = quiet
         self.planned_stages = planned_stages
         self.timings: dict[str, float] = {}
@@ -467,7 +503,16 @@ class Pipeline:
         changed = {k: v for k, v in asdict(self.world().config).items() if v != default[k]}
         ensembles = {"reward": self.reward_ensemble, "cost": self.cost_ensemble}
         scorers = self.score_model_tests()
-        return write_summary(self.root, evaluations, self.timings, scorers, changed, ensembles, self.warm_start_summary)
+        return write_summary(
+            self.root,
+            evaluations,
+            self.timings,
+            scorers,
+            changed,
+            ensembles,
+            self.warm_start_summary,
+            self.stage_args,
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from repo_lightning import pipeline as pipeline_module
 from repo_lightning.console import VERBOSE_ENV, StageFailed, silence_known_noise
-from repo_lightning.pipeline import ORACLE_SCORE_ARGS, Pipeline
+from repo_lightning.pipeline import ORACLE_SCORE_ARGS, Pipeline, parse_stage_args
 from repo_lightning.safetyworld.config import world_from_overrides
 from repo_lightning.validation import MAX_SEED
 
@@ -98,6 +98,17 @@ def main(argv: list[str] | None = None) -> None:
         "docs/results.md round 23",
     )
     parser.add_argument(
+        "--stage-arg",
+        action="append",
+        default=[],
+        metavar="STAGE=ARG",
+        help="one more argument for every run of a stage, after its config (so it overrides the config's value, and "
+        "--policy-epochs'): STAGE is sft (also the warm start's fine-tune, whose own lr, epochs and warm-up still "
+        "apply), reward, cost (ensemble members included) or policy (every policy stage: PPO, collectors, the warm "
+        "start's sampling), ARG one --key=value; repeat the option for more, e.g. "
+        "--stage-arg reward=--trainer.max_epochs=2 --stage-arg reward=--data.world.num_preference_rows=32000",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="skip the stages an earlier run in --root finished with the same arguments and config files (an "
@@ -108,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         world_from_overrides(args.world)
     except ValueError as error:
         parser.error(f"--world: {error}")
+    try:
+        stage_args = parse_stage_args(args.stage_arg)
+        for stage_list in stage_args.values():  # a world field is checked here, not after the stages before it
+            world_from_overrides([a.removeprefix("--data.world.") for a in stage_list if a.startswith("--data.world.")])
+    except ValueError as error:
+        parser.error(f"--stage-arg: {error}")
     for flag, size in (("--reward-ensemble", args.reward_ensemble), ("--cost-ensemble", args.cost_ensemble)):
         if size < 1:
             parser.error(f"{flag} must be >= 1, got {size}")
@@ -155,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         resume=args.resume,
         cost_ensemble=args.cost_ensemble,
         warm_start=args.warm_start,
+        stage_args=stage_args,
     )
     print(f"SafetyWorld pipeline in {args.root}; each stage's full output: {Path(args.root) / 'logs'}/<stage>.log")
     try:

@@ -55,6 +55,7 @@ def write_summary(
     world: dict[str, object] | None = None,
     ensembles: dict[str, int] | None = None,
     warm_start: dict | None = None,
+    stage_args: dict[str, list[str]] | None = None,
 ) -> str:
     """Side-by-side table of the evaluations, written with the wall times to ``summary.md`` and ``summary.json``.
 
@@ -67,6 +68,7 @@ def write_summary(
         ensembles: Models the policies scored with, ``{"reward": n, "cost": m}`` (``None``: one of each).
         warm_start: The warm start's selection summary (:func:`repo_lightning.warm_start.best_of_n`), or ``None``
             when the policies started from the SFT export.
+        stage_args: The user's extra arguments per stage (``--stage-arg``); ``None`` or empty: none.
 
     Returns:
         ``summary.md`` without its wall-time section (the stage lines already showed the times).
@@ -97,6 +99,9 @@ def write_summary(
             f" The policies started from the best-of-{per_prompt:.0f} warm start `sft_warm` ({warm_start['kept']} of "
             f"{warm_start['prompts']} RL prompts kept a safe answer; beta {warm_start['beta']:g})."
         )
+    if stage_args:
+        overrides = "; ".join(f"{stage}: {' '.join(f'`{a}`' for a in args)}" for stage, args in stage_args.items())
+        scored += f" Stage arguments added to the configs' (`--stage-arg`): {overrides}."
     text = (
         "# Pipeline summary\n\nHeld-out SafetyWorld prompts; `true_*` are ground-truth oracle figures, the rest "
         f"are the learned models' judgement. SafetyWorld: {described}.{scored}\n\n{table}\n\n## Reports\n{reports}\n"
@@ -111,6 +116,7 @@ def write_summary(
                 "world": world or {},
                 "ensembles": ensembles,
                 "warm_start": warm_start,
+                "stage_args": stage_args or {},
             },
             indent=2,
         )

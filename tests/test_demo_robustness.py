@@ -64,6 +64,9 @@ def test_oracle_scores_and_reward_ensemble_reach_the_pipeline(tmp_path, monkeypa
     assert commands[5][-2:] == ["--policy-epochs", "12"] and "--policy-epochs" not in commands[4]
     robustness.run_pipeline(tmp_path / "g", 1, 2, "configs/demo", warm_start=32)
     assert commands[6][-2:] == ["--warm-start", "32"] and "--warm-start" not in commands[5]
+    robustness.run_pipeline(tmp_path / "h", 1, 2, "configs/demo", stage_args=["reward=--a=1", "policy=--b=2"])
+    assert commands[7][-4:] == ["--stage-arg", "reward=--a=1", "--stage-arg", "policy=--b=2"]
+    assert "--stage-arg" not in commands[6]
 
 
 def test_impossible_counts_are_refused_before_any_pipeline_runs(tmp_path, capsys):
@@ -74,6 +77,7 @@ def test_impossible_counts_are_refused_before_any_pipeline_runs(tmp_path, capsys
         (["--cost-ensemble", "0"], "--cost-ensemble must be >= 1, got 0"),
         (["--jobs", "0"], "--jobs must be >= 1, got 0"),
         (["--warm-start", "-1"], "--warm-start must be >= 0, got -1"),
+        (["--stage-arg", "critic=--a=1"], "--stage-arg: 'critic=--a=1': expected STAGE=--key=value with STAGE one"),
     ):
         try:
             robustness.main([*flags, "--out", str(tmp_path / "out")])

@@ -286,10 +286,39 @@ def test_world_reaches_every_stage_and_the_summary(fake_stages, capsys):
     assert "SafetyWorld: seed=1 num_topics=30." in (fake_stages / "summary.md").read_text()
 
 
+def test_stage_args_reach_their_stage_after_the_config_and_are_named_in_the_summary(fake_stages, capsys):
+    argv = ["--root", str(fake_stages), "--algorithms", "ppo", "repo", "--reward-ensemble", "2", "--warm-start", "4"]
+    argv += ["--policy-epochs", "6", "--stage-arg", "reward=--data.world.num_preference_rows=32000"]
+    argv += ["--stage-arg", "reward=--trainer.max_epochs=2", "--stage-arg", "policy=--trainer.max_epochs=5"]
+    pipeline_main(argv)
+    logs = fake_stages / "logs"
+
+    def command(stage: str) -> list[str]:
+        return (logs / f"{stage}.log").read_text().splitlines()[0].split()
+
+    reward_args = ["--data.world.num_preference_rows=32000", "--trainer.max_epochs=2"]
+    for stage in ("fit_reward", "test_reward", "fit_reward_m1"):
+        args = command(stage)
+        at = args.index(reward_args[0])
+        assert args[at : at + 2] == reward_args and at > args.index("--config"), stage  # in order, after the config
+    for stage in ("fit_sft", "fit_sft_m1", "fit_cost", "test_cost", "eval_sft", "fit_sft_warm"):
+        assert not any(a in command(stage) for a in reward_args), stage
+    for stage in ("sample_warm_start", "fit_ppo", "eval_ppo", "fit_repo", "eval_repo"):
+        args = command(stage)
+        # after --policy-epochs' 6 (and the config), so the user's 5 wins
+        assert args.index("--trainer.max_epochs=5") > args.index("--trainer.max_epochs=6") > args.index("--config")
+    summary = json.loads((fake_stages / "summary.json").read_text())
+    assert summary["stage_args"] == {"reward": reward_args, "policy": ["--trainer.max_epochs=5"]}
+    text = (fake_stages / "summary.md").read_text()
+    assert "reward: `--data.world.num_preference_rows=32000` `--trainer.max_epochs=2`; policy: `--trainer" in text
+
+
 def test_default_world_is_named_in_the_summary(fake_stages, capsys):
     pipeline_main(["--root", str(fake_stages), "--algorithms", "repo"])
     assert "--data.world." not in (fake_stages / "logs" / "fit_sft.log").read_text().splitlines()[0]
     assert json.loads((fake_stages / "summary.json").read_text())["world"] == {}
+    assert json.loads((fake_stages / "summary.json").read_text())["stage_args"] == {}
+    assert "--stage-arg" not in (fake_stages / "summary.md").read_text()
     assert "SafetyWorld: the default one." in (fake_stages / "summary.md").read_text()
 
 
@@ -363,6 +392,10 @@ def test_a_missing_config_folder_an_uncreatable_root_or_a_bad_seed_is_named_befo
         (["--root", str(tmp_path / "run"), "--seed", str(2**32 - 1000), "--cost-ensemble", "3"], "--seed must be in"),
         (["--root", str(tmp_path / "run"), "--cost-ensemble", "0"], "--cost-ensemble must be >= 1, got 0"),
         (["--root", str(tmp_path / "run"), "--policy-epochs", "0"], "--policy-epochs must be >= 1, got 0"),
+        (["--root", str(tmp_path / "run"), "--stage-arg", "rewards=--x=1"], "--stage-arg: 'rewards=--x=1': expected"),
+        (["--root", str(tmp_path / "run"), "--stage-arg", "reward=2"], "--stage-arg: 'reward=2': expected STAGE="),
+        (["--root", str(tmp_path / "run"), "--stage-arg", "cost=--trainer.max_epochs"], "--stage-arg: 'cost=--tr"),
+        (["--root", str(tmp_path / "run"), "--stage-arg", "reward=--data.world.num_rows=8"], "--stage-arg: expected"),
     )
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
