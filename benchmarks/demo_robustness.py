@@ -20,6 +20,11 @@ Examples::
     python benchmarks/demo_robustness.py --world seed=1 num_topics=30 mild_frac=0.35 --out /tmp/world1
     python benchmarks/demo_robustness.py --cost-ensemble 3 --policy-epochs 12 --threads 1   # round 11's setting
     python benchmarks/demo_robustness.py --reward-ensemble 3 --cost-ensemble 3 --warm-start 32   # round 24's
+    python benchmarks/demo_robustness.py --reward-ensemble 3 --cost-ensemble 3 --warm-start 32 --policy-epochs 6 \
+        --stage-arg reward=--trainer.max_epochs=2 --stage-arg reward=--data.world.num_preference_rows=48000 \
+        --stage-arg reward=--data.world.preference_contrast_prob=0.8333 \
+        --stage-arg reward=--data.world.preference_contrast_repeat_share=0.4 \
+        --stage-arg reward=--data.world.preference_contrast_add_share=0.2                    # round 25's
 """
 
 from __future__ import annotations
