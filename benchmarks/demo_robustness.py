@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from repo_lightning.pipeline import parse_stage_args
+from repo_lightning.pipeline_stages import parse_stage_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -71,30 +71,6 @@ WARM_START_SFT_ARGS = [
 #: The policy config whose settings (scoring, evaluation, ``estimation.kl_coef``) the warm start samples with.
 WARM_START_CONFIG = "repo"
 
-#: Stages whose command lines ``--stage-arg STAGE=ARG`` can extend (``sft`` includes the warm start's fine-tune).
-STAGE_ARG_STAGES = ("sft", "reward", "cost", "policy")
-
-
-def parse_stage_args(items: list[str]) -> dict[str, list[str]]:
-    """``--stage-arg`` values (``STAGE=--key=value``) as extra CLI arguments per stage, in the order given.
-
-    Raises:
-        ValueError: An item without a known stage before its first ``=``, or whose argument is not ``--key=value``.
-    """
-    found: dict[str, list[str]] = {}
-    for item in items:
-        stage, _, arg = item.partition("=")
-        if stage not in STAGE_ARG_STAGES:
-            raise ValueError(f"{item!r}: expected STAGE=--key=value with STAGE one of {', '.join(STAGE_ARG_STAGES)}")
-        if not arg.startswith("--") or "=" not in arg or arg.startswith("--="):
-            raise ValueError(
-                f"{item!r}: expected STAGE=--key=value, one argument of the stage's command line "
-                "(e.g. reward=--trainer.max_epochs=2)"
-            )
-        found.setdefault(stage, []).append(arg)
-    return found
-
-
 #: Prefixes of the ``extra["world"]`` arguments that set ``WorldConfig`` fields (``--data.world.seed=7``).
 _WORLD_ARG_PREFIXES = ("--data.world.", "--data.init_args.world.")
 
@@ -119,8 +95,8 @@ class Pipeline:
         resume: Skip the stages an earlier run in ``root`` finished with the same arguments and configs, up to the
             first one it did not (see :meth:`_run`); that one and every later one run again.
         warm_start: Answers sampled per RL prompt for the best-of-n warm start (:meth:`warm_start`); 0: none.
-        stage_args: The user's extra CLI arguments per stage (``--stage-arg``, :func:`parse_stage_args`), added
-            after ``extra``'s (so they win) and named in the summary.
+        stage_args: The user's extra CLI arguments per stage (``--stage-arg``,
+            :func:`.pipeline_stages.parse_stage_args`), added after ``extra``'s (so they win) and named in the summary.
     """
 
     def __init__(

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from repo_lightning import pipeline as pipeline_module
 from repo_lightning.console import VERBOSE_ENV, StageFailed, silence_known_noise
-from repo_lightning.pipeline import ORACLE_SCORE_ARGS, Pipeline, parse_stage_args
+from repo_lightning.pipeline import ORACLE_SCORE_ARGS, Pipeline
+from repo_lightning.pipeline_stages import parse_stage_args
 from repo_lightning.safetyworld.config import world_from_overrides
 from repo_lightning.validation import MAX_SEED
 
@@ -121,8 +122,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--world: {error}")
     try:
         stage_args = parse_stage_args(args.stage_arg)
-        for stage_list in stage_args.values():  # a world field is checked here, not after the stages before it
-            world_from_overrides([a.removeprefix("--data.world.") for a in stage_list if a.startswith("--data.world.")])
     except ValueError as error:
         parser.error(f"--stage-arg: {error}")
     for flag, size in (("--reward-ensemble", args.reward_ensemble), ("--cost-ensemble", args.cost_ensemble)):

@@ -1,7 +1,8 @@
 """How one pipeline stage is run and recorded.
 
 A stage is a ``python -m repo_lightning`` subprocess with its output and wall time; ``--resume`` compares a
-finished stage's record; later stages read a run's newest checkpoint. Which stages run is
+finished stage's record; later stages read a run's newest checkpoint; ``--stage-arg`` adds the user's arguments to a
+stage's command line. Which stages run is
 :mod:`repo_lightning.pipeline`'s business.
 """
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from repo_lightning.console import StageFailed, run_stage
+from repo_lightning.safetyworld.config import world_from_overrides
 
 #: How a stage is run: ``python -m repo_lightning <subcommand> ...`` in this interpreter.
 STAGE_COMMAND = [sys.executable, "-m", "repo_lightning"]
@@ -61,3 +63,32 @@ def latest_checkpoint(folder: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no checkpoint under {folder}")
     return found[-1]
+
+
+#: Stages whose command lines ``--stage-arg STAGE=ARG`` can extend (``sft`` includes the warm start's fine-tune).
+STAGE_ARG_STAGES = ("sft", "reward", "cost", "policy")
+
+
+def parse_stage_args(items: list[str]) -> dict[str, list[str]]:
+    """``--stage-arg`` values (``STAGE=--key=value``) as extra CLI arguments per stage, in the order given.
+
+    A ``--data.world.KEY=VALUE`` among them is checked as a SafetyWorld field here, before any stage runs.
+
+    Raises:
+        ValueError: An item without a known stage before its first ``=``, whose argument is not ``--key=value``, or
+            whose world field is unknown or gives an inconsistent world (:func:`world_from_overrides`).
+    """
+    found: dict[str, list[str]] = {}
+    for item in items:
+        stage, _, arg = item.partition("=")
+        if stage not in STAGE_ARG_STAGES:
+            raise ValueError(f"{item!r}: expected STAGE=--key=value with STAGE one of {', '.join(STAGE_ARG_STAGES)}")
+        if not arg.startswith("--") or "=" not in arg or arg.startswith("--="):
+            raise ValueError(
+                f"{item!r}: expected STAGE=--key=value, one argument of the stage's command line "
+                "(e.g. reward=--trainer.max_epochs=2)"
+            )
+        found.setdefault(stage, []).append(arg)
+    for args in found.values():
+        world_from_overrides([a.removeprefix("--data.world.") for a in args if a.startswith("--data.world.")])
+    return found
